@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# make demo: the whole path on embedded defaults, on one machine.
+#   lab PKI -> swtpm -> device key created inside the TPM -> CSR signed in the
+#   TPM -> TLS mosquitto (require_certificate) on a free loopback port ->
+#   `tpmagent handshake` step by step -> `tpmagent run` publishing with a live
+#   rate line -> a mosquitto_sub receiving. Stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BIN=${BIN:-$ROOT/bin/tpmagent}
+D=${DEMO_DIR:-$ROOT/.demo}
+RUN_SECONDS=${RUN_SECONDS:-8}
+
+need=(swtpm tpm2_readpublic mosquitto mosquitto_sub openssl)
+missing=()
+for c in "${need[@]}"; do command -v "$c" >/dev/null || missing+=("$c"); done
+if [ ${#missing[@]} -gt 0 ]; then
+	if [ "$(id -u)" -eq 0 ]; then
+		bash scripts/ci-deps.sh
+	else
+		echo "demo: missing ${missing[*]}; install with:" >&2
+		echo "  sudo apt-get install -y swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients openssl" >&2
+		exit 1
+	fi
+fi
+[ -x "$BIN" ] || make -s build
+
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait 2>/dev/null || true
+}
+trap cleanup EXIT INT TERM
+
+free_port() { # a port p with p and p+1 free on 127.0.0.1
+	local p
+	for _ in $(seq 1 100); do
+		p=$((20000 + RANDOM % 30000))
+		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then
+			echo "$p"
+			return
+		fi
+	done
+	echo "demo: no free port" >&2
+	exit 1
+}
+wait_port() {
+	for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done
+	echo "demo: nothing listens on 127.0.0.1:$1" >&2
+	return 1
+}
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+rm -rf "$D"
+mkdir -p "$D/tpm" "$D/pki" "$D/spool"
+chmod 700 "$D"
+
+step "swtpm (TPM 2.0 emulator) on a free loopback port"
+TPM_PORT=$(free_port)
+swtpm socket --tpm2 --server type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 \
+	--tpmstate dir="$D/tpm" --flags not-need-init,startup-clear >"$D/swtpm.log" 2>&1 &
+pids+=($!)
+wait_port "$TPM_PORT"
+echo "swtpm://127.0.0.1:$TPM_PORT"
+
+BROKER_PORT=$(free_port)
+cat >"$D/agent.yaml" <<YAML
+device_id: demo-device
+state_dir: $D/state
+tpm: { device: "swtpm://127.0.0.1:$TPM_PORT" }
+broker:
+  urls: [mqtts://127.0.0.1:$BROKER_PORT]
+  ca_file: $D/pki/ca.pem
+  cert_file: $D/pki/device.pem
+telemetry:
+  socket: $D/telemetry.sock
+  system_interval: 1s
+spool: { dir: $D/spool }
+status: { socket: $D/status.sock }
+YAML
+A=("$BIN" --config "$D/agent.yaml")
+
+step "device key created inside the TPM (fixedTPM, fixedParent, sensitiveDataOrigin)"
+"${A[@]}" key create
+"${A[@]}" key show
+
+step "CSR signed inside the TPM, verified by openssl, signed by the lab CA"
+"${A[@]}" key csr --cn demo-device -o "$D/pki/device.csr"
+openssl req -in "$D/pki/device.csr" -verify -noout
+bash scripts/lab-pki.sh init "$D/pki" >/dev/null
+bash scripts/lab-pki.sh sign "$D/pki" "$D/pki/device.csr" "$D/pki/device.pem"
+bash scripts/lab-pki.sh client "$D/pki" demo-subscriber
+
+step "TLS mosquitto (require_certificate true, use_identity_as_username true) on 127.0.0.1:$BROKER_PORT"
+cat >"$D/mosquitto.conf" <<CONF
+user root
+per_listener_settings false
+allow_anonymous false
+persistence false
+max_queued_messages 0
+log_dest file $D/mosquitto.log
+listener $BROKER_PORT 127.0.0.1
+cafile $D/pki/ca.pem
+certfile $D/pki/server.pem
+keyfile $D/pki/server.key
+require_certificate true
+use_identity_as_username true
+CONF
+mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
+pids+=($!)
+wait_port "$BROKER_PORT"
+
+step "handshake, step by step (twice: the second resumes without a TPM signature)"
+"${A[@]}" handshake --repeat 2
+
+step "subscriber"
+mosquitto_sub -h 127.0.0.1 -p "$BROKER_PORT" --cafile "$D/pki/ca.pem" --cert "$D/pki/demo-subscriber.pem" \
+	--key "$D/pki/demo-subscriber.key" -t 'devices/#' -v -q 1 >"$D/received.txt" 2>&1 &
+pids+=($!)
+sleep 0.5
+
+step "tpmagent run for ${RUN_SECONDS}s (system readings each second + 20,000 readings sent through the socket)"
+"${A[@]}" run >"$D/agent.log" 2>&1 &
+AGENT=$!
+pids+=($AGENT)
+for _ in $(seq 1 50); do [ -S "$D/telemetry.sock" ] && break; sleep 0.1; done
+( for i in $(seq 1 20000); do echo "{\"name\":\"demo.counter\",\"value\":$i}"; done | "${A[@]}" send >/dev/null ) &
+end=$((SECONDS + RUN_SECONDS))
+while [ $SECONDS -lt $end ]; do
+	line=$("${A[@]}" status --line 2>/dev/null || echo "waiting for the agent...")
+	printf '\r\033[K%s' "$line"
+	sleep 1
+done
+echo
+kill -TERM "$AGENT" 2>/dev/null || true
+wait "$AGENT" 2>/dev/null || true
+
+step "what the subscriber received"
+echo "messages received: $(grep -c '^devices/' "$D/received.txt" || true)"
+grep -m 3 '^devices/demo-device/' "$D/received.txt" | cut -c1-160 || true
+echo
+echo "broker log: the device's certificate CN is its MQTT username:"
+grep -m 2 'demo-device' "$D/mosquitto.log" || true
+echo
+echo "demo: done; files under $D (agent.log, mosquitto.log, received.txt)"
