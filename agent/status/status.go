@@ -1,0 +1,120 @@
+// Package status keeps the agent's live counters and serves them: as one JSON
+// document per connection on a local unix socket (what `tpmagent status`
+// reads) and as Prometheus metrics on a local HTTP address, from a registry
+// of its own (never the process-global one).
+package status
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Counters are the agent's live counters. The zero value is ready; the
+// counter fields are updated with atomic adds by the pipeline and read
+// without locks. The func fields are optional and are called on every
+// Snapshot.
+type Counters struct {
+	ReadingsIn        atomic.Uint64 // readings accepted from every source
+	ReadingsRejected  atomic.Uint64 // lines rejected by the parser
+	Batches           atomic.Uint64 // batches encoded and spooled
+	MessagesPublished atomic.Uint64 // messages handed to the broker connection
+	MessagesAcked     atomic.Uint64 // messages acknowledged (QoS1 PUBACK / QoS0 written)
+	MessagesFailed    atomic.Uint64 // publish callbacks with an error (resent after reconnect)
+	Reconnects        atomic.Uint64 // broker connections after the first
+	Bytes             atomic.Uint64 // payload bytes published
+
+	// SpoolStats reports the durable queue; nil leaves the spool fields zero.
+	SpoolStats func() Spool
+	// TPMSignatures reports signing operations done by the TPM key.
+	TPMSignatures func() uint64
+	// Broker reports the broker currently connected ("" when none).
+	Broker func() string
+
+	mu      sync.Mutex
+	lastErr string
+	lastAt  time.Time
+	started time.Time
+}
+
+// Spool is the durable queue's part of a snapshot.
+type Spool struct {
+	Records         int64  `json:"records"`
+	Bytes           int64  `json:"bytes"`
+	Dropped         uint64 `json:"dropped"`
+	TornTailRepairs uint64 `json:"torn_tail_repairs"`
+	CorruptSkips    uint64 `json:"corrupt_skips"`
+}
+
+// SetError records err as the last error (nil is ignored).
+func (c *Counters) SetError(err error) {
+	if err == nil {
+		return
+	}
+	c.mu.Lock()
+	c.lastErr = err.Error()
+	c.lastAt = time.Now()
+	c.mu.Unlock()
+}
+
+// Start records the agent's start time (for uptime).
+func (c *Counters) Start(t time.Time) {
+	c.mu.Lock()
+	c.started = t
+	c.mu.Unlock()
+}
+
+// Snapshot is the status document served on the status socket.
+type Snapshot struct {
+	Time              time.Time `json:"time"`
+	UptimeSeconds     float64   `json:"uptime_seconds"`
+	ReadingsIn        uint64    `json:"readings_in"`
+	ReadingsRejected  uint64    `json:"readings_rejected"`
+	Batches           uint64    `json:"batches"`
+	MessagesPublished uint64    `json:"messages_published"`
+	MessagesAcked     uint64    `json:"messages_acked"`
+	MessagesFailed    uint64    `json:"messages_failed"`
+	BytesPublished    uint64    `json:"bytes_published"`
+	Reconnects        uint64    `json:"reconnects"`
+	Spool             Spool     `json:"spool"`
+	Drops             uint64    `json:"drops"`
+	TPMSignatures     uint64    `json:"tpm_signatures"`
+	Broker            string    `json:"broker"`
+	Connected         bool      `json:"connected"`
+	LastError         string    `json:"last_error,omitempty"`
+	LastErrorTime     time.Time `json:"last_error_time,omitzero"`
+}
+
+// Snapshot reads every counter now.
+func (c *Counters) Snapshot() Snapshot {
+	now := time.Now()
+	s := Snapshot{
+		Time:              now.UTC(),
+		ReadingsIn:        c.ReadingsIn.Load(),
+		ReadingsRejected:  c.ReadingsRejected.Load(),
+		Batches:           c.Batches.Load(),
+		MessagesPublished: c.MessagesPublished.Load(),
+		MessagesAcked:     c.MessagesAcked.Load(),
+		MessagesFailed:    c.MessagesFailed.Load(),
+		BytesPublished:    c.Bytes.Load(),
+		Reconnects:        c.Reconnects.Load(),
+	}
+	if c.SpoolStats != nil {
+		s.Spool = c.SpoolStats()
+		s.Drops = s.Spool.Dropped
+	}
+	if c.TPMSignatures != nil {
+		s.TPMSignatures = c.TPMSignatures()
+	}
+	if c.Broker != nil {
+		s.Broker = c.Broker()
+		s.Connected = s.Broker != ""
+	}
+	c.mu.Lock()
+	s.LastError, s.LastErrorTime = c.lastErr, c.lastAt
+	if !c.started.IsZero() {
+		s.UptimeSeconds = now.Sub(c.started).Seconds()
+	}
+	c.mu.Unlock()
+	return s
+}

@@ -1,0 +1,93 @@
+package status
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestServeAndFetch(t *testing.T) {
+	var c Counters
+	c.ReadingsIn.Add(7)
+	c.ReadingsRejected.Add(2)
+	c.MessagesAcked.Add(3)
+	c.TPMSignatures = func() uint64 { return 1 }
+	c.Broker = func() string { return "mqtts://127.0.0.1:8883" }
+	c.SpoolStats = func() Spool { return Spool{Records: 5, Bytes: 100, Dropped: 4} }
+	c.SetError(errors.New("boom"))
+	path := filepath.Join(t.TempDir(), "run", "status.sock")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, path, &c, nil) }()
+	var s Snapshot
+	var err error
+	for i := 0; i < 100; i++ {
+		if s, err = Fetch(ctx, path); err == nil {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.ReadingsIn != 7 || s.ReadingsRejected != 2 || s.MessagesAcked != 3 || s.TPMSignatures != 1 ||
+		s.Spool.Records != 5 || s.Drops != 4 || !s.Connected || s.LastError != "boom" {
+		t.Fatalf("snapshot %+v", s)
+	}
+	fi, err := os.Stat(path)
+	if err != nil || fi.Mode().Perm() != 0o660 {
+		t.Fatalf("socket mode %v, %v; want 0660", fi.Mode(), err)
+	}
+	// A second listener on a live socket is refused.
+	if _, err := ListenUnix(path, 0o660); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Fatalf("second listen: %v", err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("socket left behind: %v", err)
+	}
+}
+
+func TestFetchNoAgent(t *testing.T) {
+	_, err := Fetch(context.Background(), filepath.Join(t.TempDir(), "none.sock"))
+	if err == nil || !strings.Contains(err.Error(), "tpmagent run") {
+		t.Fatalf("Fetch without agent: %v", err)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	var c Counters
+	c.MessagesPublished.Add(42)
+	c.SpoolStats = func() Spool { return Spool{Records: 9} }
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go ServeMetricsOn(ctx, l, &c)
+	resp, err := http.Get("http://" + l.Addr().String() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{"tpmagent_messages_published_total 42", "tpmagent_spool_records 9", "go_goroutines", "process_resident_memory_bytes"} {
+		if !strings.Contains(string(b), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if err := ServeMetrics(ctx, "", &c); err != nil {
+		t.Fatalf("empty listen must be off: %v", err)
+	}
+}
