@@ -91,6 +91,7 @@ TPMAGENT_* environment variables (TPMAGENT_TPM_DEVICE for tpm.device), flags.`,
 		a.newCollectorCmd(),
 		a.newCollectCmd(),
 		a.newFirmwareCmd(),
+		a.newGenDocsCmd(),
 	)
 	return root
 }
