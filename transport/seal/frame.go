@@ -63,7 +63,10 @@ func putSessionID(dst []byte, sid uint64) []byte {
 
 func getSessionID(b []byte) uint64 {
 	var v uint64
-	for _, c := range b[:SessionIDSize] {
+	if len(b) > SessionIDSize {
+		b = b[:SessionIDSize]
+	}
+	for _, c := range b {
 		v = v<<8 | uint64(c)
 	}
 	return v
