@@ -15,9 +15,14 @@ const (
 
 // frameKeys is the symmetric state of one session: the frame AEAD and the
 // nonce base. It is the same on both ends.
+//
+// seal and open use scratch buffers in frameKeys: callers hold the lock
+// of the Sealer or Collector that owns it.
 type frameKeys struct {
 	aead      cipher.AEAD
 	nonceBase [nonceSize]byte
+	nonce     []byte // scratch, nonceSize
+	aad       []byte // scratch
 }
 
 // exporter is the Export method shared by hpke.Sender and hpke.Recipient.
@@ -44,7 +49,7 @@ func deriveFrameKeys(ctx exporter, aeadID uint16) (*frameKeys, []byte, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("seal: frame AEAD: %w", err)
 	}
-	fk := &frameKeys{aead: a}
+	fk := &frameKeys{aead: a, nonce: make([]byte, nonceSize), aad: make([]byte, 0, 128)}
 	copy(fk.nonceBase[:], nb)
 	return fk, key, nil
 }
@@ -81,18 +86,14 @@ func recipientContext(priv *PrivateKey, a *Announcement) (*frameKeys, []byte, er
 func (k *frameKeys) seal(dst []byte, sid, seq uint64, deviceID, topic string, plaintext []byte) []byte {
 	start := len(dst)
 	dst = appendHeader(dst, sid, seq)
-	var aadBuf [256]byte
-	aad := appendAAD(aadBuf[:0], dst[start:], deviceID, topic)
-	var nonce [nonceSize]byte
-	frameNonce(&nonce, &k.nonceBase, seq)
-	return k.aead.Seal(dst, nonce[:], plaintext, aad)
+	k.aad = appendAAD(k.aad[:0], dst[start:], deviceID, topic)
+	frameNonce((*[nonceSize]byte)(k.nonce), &k.nonceBase, seq)
+	return k.aead.Seal(dst, k.nonce, plaintext, k.aad)
 }
 
 // open authenticates and decrypts a parsed frame.
 func (k *frameKeys) open(dst []byte, raw []byte, f Frame, deviceID, topic string) ([]byte, error) {
-	var aadBuf [256]byte
-	aad := appendAAD(aadBuf[:0], raw[:FrameHeaderSize], deviceID, topic)
-	var nonce [nonceSize]byte
-	frameNonce(&nonce, &k.nonceBase, f.Seq)
-	return k.aead.Open(dst, nonce[:], f.Ciphertext, aad)
+	k.aad = appendAAD(k.aad[:0], raw[:FrameHeaderSize], deviceID, topic)
+	frameNonce((*[nonceSize]byte)(k.nonce), &k.nonceBase, f.Seq)
+	return k.aead.Open(dst, k.nonce, f.Ciphertext, k.aad)
 }
