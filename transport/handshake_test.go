@@ -330,9 +330,8 @@ func TestReconnects1000(t *testing.T) {
 	}
 }
 
-// BenchmarkHandshake compares a full handshake (certificates and a device-key
-// signature) with a resumed one, each including MQTT CONNECT/CONNACK.
-func BenchmarkHandshake(b *testing.B) {
+// BenchmarkHandshakeSoftKey is BenchmarkHandshake with a software ECDSA key.
+func BenchmarkHandshakeSoftKey(b *testing.B) {
 	runHandshakeBench(b, func(b *testing.B) crypto.Signer { return newHSKey(b) })
 }
 
