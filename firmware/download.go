@@ -132,6 +132,9 @@ func (d *Downloader) Download(ctx context.Context, m *Manifest, sources []Source
 		}
 		d.log().Info("firmware download resumes", "name", m.Name, "version", m.Version, "offset", offset, "size", m.Size)
 	}
+	if d.Progress != nil {
+		d.Progress(offset, m.Size)
+	}
 	persisted := offset
 	persist := func() error {
 		if offset == persisted {
