@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"net"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -12,6 +13,13 @@ import (
 // DefaultCoalesceBuffer is the write buffer of the coalescing connection: two
 // TLS records' worth of MQTT packets per flush at most.
 const DefaultCoalesceBuffer = 32 << 10
+
+// flushYields is how often the woken flusher yields the processor before
+// taking a buffer that is less than half full, so that a writer running
+// right now can add to it. When nothing else is runnable a yield returns at
+// once (an idle PINGREQ is not delayed measurably); under load it lifts the
+// packets per TLS write from about 4 to 20-100 (BenchmarkPublish).
+const flushYields = 2
 
 // closeFlushTimeout bounds how long Close waits to flush what is still
 // buffered (the DISCONNECT packet, typically) before it closes the socket.
@@ -30,7 +38,8 @@ type writeCounters struct {
 // MQTT packet with its own Write call, which on a tls.Conn is one TLS record
 // and one syscall per packet. coalescingConn appends writes to a buffer and a
 // dedicated flusher goroutine, woken by the first write into an empty buffer,
-// writes whatever has accumulated in one call. While the flusher is busy on
+// yields the processor once or twice (flushYields) and writes whatever has
+// accumulated in one call. While the flusher is busy on
 // the socket, new packets pile up in the second buffer, so the batch size
 // adapts to the load: one packet per write when idle (a PINGREQ or CONNECT
 // waits only for a goroutine wake-up, microseconds), many packets per TLS
@@ -135,6 +144,11 @@ func (c *coalescingConn) flusher() {
 		if c.err != nil || (len(c.buf) == 0 && c.closing) {
 			c.mu.Unlock()
 			return
+		}
+		for i := 0; i < flushYields && len(c.buf) < c.max/2 && !c.closing; i++ {
+			c.mu.Unlock()
+			runtime.Gosched()
+			c.mu.Lock()
 		}
 		out := c.buf
 		c.buf = c.spare[:0]
