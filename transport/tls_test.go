@@ -210,7 +210,8 @@ func TestTLSConfigPolicy(t *testing.T) {
 		}
 	}
 	// The session cache is one object shared by every configuration handed out.
-	if id.Config().ClientSessionCache != id.ConfigFor("localhost").ClientSessionCache || id.Config() != id.Config() {
+	first, again := id.Config(), id.Config()
+	if first.ClientSessionCache != id.ConfigFor("localhost").ClientSessionCache || first != again {
 		t.Fatal("configs do not share the session cache")
 	}
 	if got := id.ConfigFor("broker.example").ServerName; got != "broker.example" {
