@@ -39,9 +39,19 @@ type HandshakeOptions struct {
 // CertificateVerify (signed by the TPM) → Finished (traffic keys) → encrypted
 // data (MQTT CONNECT/CONNACK). Secrets are never recorded.
 type HandshakeTrace struct {
+	// Peer is the broker's host:port; ServerName the name its certificate
+	// was checked against (SNI unless it is an IP address).
 	Peer       string `json:"peer"`
 	ServerName string `json:"server_name"`
 
+	// Version, CipherSuite and Group (key exchange) are what was negotiated.
+	// ServerVerified: the broker's chain verified against broker.ca_file
+	// (for a resumed session, when the session was made). ClientCertSent:
+	// the broker holds our certificate for this connection, sent in this
+	// handshake or, resumed, in the one that made the session.
+	// TPMSignatures is cumulative for the identity's signer in this process.
+	// HandshakeMs runs from the start of the TCP connect to the end of the
+	// TLS handshake.
 	Version        string  `json:"version"`
 	CipherSuite    string  `json:"cipher_suite"`
 	Group          string  `json:"group"`
