@@ -73,7 +73,7 @@ var ErrLineTooLong = errors.New("line too long")
 
 // LineTooLong returns the error for a line of n bytes or more against max.
 func LineTooLong(n, max int) error {
-	return fmt.Errorf("%w (%d bytes or more, the limit is %d): split the data into several readings", ErrLineTooLong, n, max)
+	return fmt.Errorf("%w (%d bytes, the limit is %d): split the data into several readings", ErrLineTooLong, n, max)
 }
 
 type wire struct {
