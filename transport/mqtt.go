@@ -391,7 +391,10 @@ func (c *Client) WaitConnected(ctx context.Context) error {
 
 // Publish implements Publisher. payload must not be modified until done
 // runs. qos is 0 or 1. Calls are serialized per connection, so messages from
-// one goroutine go out, and are acknowledged, in call order.
+// one goroutine go out, and are acknowledged, in call order. A QoS 0 message
+// counts as written once it is in the coalescing buffer (flushed within
+// microseconds); if the connection drops before the flush it is lost, as
+// QoS 0 allows.
 func (c *Client) Publish(ctx context.Context, topic string, qos byte, retained bool, payload []byte, done func(error)) error {
 	if qos > 1 {
 		return fmt.Errorf("transport: publish to %s: QoS %d not supported (use 0 or 1)", topic, qos)
@@ -559,7 +562,14 @@ func (c *Client) close(ctx context.Context) error {
 	c.mu.Unlock()
 	var err error
 	if s != nil {
-		err = s.disconnect(ctx)
+		dctx := ctx
+		if ctx.Err() != nil {
+			// The drain used up ctx: still try to leave "offline" behind.
+			var cancel context.CancelFunc
+			dctx, cancel = context.WithTimeout(context.Background(), time.Second)
+			defer cancel()
+		}
+		err = s.disconnect(dctx)
 		c.uninstall(s)
 	}
 	if tail != nil {
