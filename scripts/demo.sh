@@ -98,6 +98,7 @@ per_listener_settings false
 allow_anonymous false
 persistence false
 max_queued_messages 0
+set_tcp_nodelay true
 log_dest file $D/mosquitto.log
 listener $BROKER_PORT 127.0.0.1
 cafile $D/pki/ca.pem
