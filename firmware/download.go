@@ -30,14 +30,18 @@ type downloadState struct {
 }
 
 // Downloader fetches an image into Dir resumably: the received offset is persisted (fsync of
-// the image, then download.json via temp file, fsync, rename) at least every chunk_size bytes,
-// and a later Download of the same manifest re-hashes the bytes already on disk and fetches
+// the image, then download.json via temp file, fsync, rename) every PersistEvery bytes and
+// whenever a source fails or ctx ends, and a later Download of the same manifest re-hashes the bytes already on disk and fetches
 // only the rest. A Downloader is used by one goroutine at a time.
 type Downloader struct {
 	Dir string
 	// Progress, if set, is called after every write with the bytes on disk and the image size.
 	Progress func(done, total int64)
-	Log      *slog.Logger
+	// PersistEvery is how many bytes may be received between two persisted offsets (what a
+	// power cut can cost); 0 means 1 MiB; never less than the manifest's chunk_size.
+	// Each persist costs three fsyncs: 64 KiB steps cut throughput about eightfold here.
+	PersistEvery int64
+	Log          *slog.Logger
 
 	fetched  atomic.Int64
 	rehashed atomic.Int64
@@ -157,12 +161,17 @@ func (d *Downloader) Download(ctx context.Context, m *Manifest, sources []Source
 		}
 	}
 
+	every := d.PersistEvery
+	if every <= 0 {
+		every = 1 << 20
+	}
+	every = max(every, int64(m.ChunkSize))
 	buf := make([]byte, min(int64(m.ChunkSize), 1<<20))
 	var errs []error
 	for i := 0; i < len(sources) && offset < m.Size; {
 		src := sources[i]
 		before := offset
-		err := d.pull(ctx, src, f, h, buf, m, &offset, &persisted, persist)
+		err := d.pull(ctx, src, f, h, buf, m, every, &offset, &persisted, persist)
 		if perr := persist(); perr != nil {
 			return nil, perr
 		}
@@ -189,7 +198,7 @@ func (d *Downloader) Download(ctx context.Context, m *Manifest, sources []Source
 
 // pull reads one Fetch stream to its end, writing, hashing and persisting as it goes.
 func (d *Downloader) pull(ctx context.Context, src Source, f *os.File, h hash.Hash, buf []byte, m *Manifest,
-	offset, persisted *int64, persist func() error) error {
+	every int64, offset, persisted *int64, persist func() error) error {
 	rc, err := src.Fetch(ctx, *offset, m.Size-*offset)
 	if err != nil {
 		return err
@@ -208,7 +217,7 @@ func (d *Downloader) pull(ctx context.Context, src Source, f *os.File, h hash.Ha
 			if d.Progress != nil {
 				d.Progress(*offset, m.Size)
 			}
-			if *offset-*persisted >= int64(m.ChunkSize) {
+			if *offset-*persisted >= every {
 				if err := persist(); err != nil {
 					return err
 				}

@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -135,12 +134,6 @@ func newImageServer(t testing.TB, image []byte) *imageServer {
 
 func (s *imageServer) URL() string { return s.srv.URL + "/tpmagent/image" }
 
-func (s *imageServer) setImage(img []byte) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.image = img
-}
-
 func (s *imageServer) serve(w http.ResponseWriter, r *http.Request) {
 	s.requests.Add(1)
 	s.mu.Lock()
@@ -223,6 +216,8 @@ type device struct {
 	restarts atomic.Int32
 	sources  Sources
 	hardware string
+	// healthTimeout is the Updater's HealthTimeout (2s unless a test shortens it).
+	healthTimeout time.Duration
 }
 
 const oldFirmware = "old firmware v1\n"
@@ -231,13 +226,14 @@ func newDevice(t testing.TB, counter Counter, tlsConf *tls.Config) *device {
 	t.Helper()
 	dir := t.TempDir()
 	d := &device{
-		dir:      dir,
-		stateDir: filepath.Join(dir, "state"),
-		slots:    &FileSlots{A: filepath.Join(dir, "slot-a"), B: filepath.Join(dir, "slot-b"), StatePath: filepath.Join(dir, "slots.json")},
-		counter:  counter,
-		rep:      &recorder{},
-		sources:  Sources{TLS: tlsConf},
-		hardware: "hw-1",
+		dir:           dir,
+		stateDir:      filepath.Join(dir, "state"),
+		slots:         &FileSlots{A: filepath.Join(dir, "slot-a"), B: filepath.Join(dir, "slot-b"), StatePath: filepath.Join(dir, "slots.json")},
+		counter:       counter,
+		rep:           &recorder{},
+		sources:       Sources{TLS: tlsConf},
+		hardware:      "hw-1",
+		healthTimeout: 2 * time.Second,
 	}
 	if err := os.WriteFile(d.slots.A, []byte(oldFirmware), 0o755); err != nil {
 		t.Fatal(err)
@@ -257,7 +253,7 @@ func (d *device) updater(t testing.TB, trust *TrustStore) *Updater {
 		Reporter:      d.rep,
 		OpenSource:    d.sources.Open,
 		Restart:       func(context.Context) error { d.restarts.Add(1); return nil },
-		HealthTimeout: 2 * time.Second,
+		HealthTimeout: d.healthTimeout,
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -303,5 +299,3 @@ func fileExists(p string) bool {
 	_, err := os.Stat(p)
 	return err == nil
 }
-
-var _ = fmt.Sprint

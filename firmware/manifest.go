@@ -17,21 +17,28 @@ const FormatVersion = 1
 
 // Manifest limits (docs/FIRMWARE.md §1).
 const (
-	MinChunkSize          = 512
-	MaxChunkSize          = 4 << 20
-	DefaultChunkSize      = 64 << 10
-	MaxImageSize          = 1 << 40
-	MaxSecurityVersion    = 1<<53 - 1
+	// MinChunkSize and MaxChunkSize bound the manifest's chunk_size.
+	MinChunkSize = 512
+	MaxChunkSize = 4 << 20
+	// DefaultChunkSize is what BuildManifest uses for chunk size 0.
+	DefaultChunkSize = 64 << 10
+	// MaxImageSize bounds the manifest's size (1 TiB).
+	MaxImageSize = 1 << 40
+	// MaxSecurityVersion bounds security_version so that every JSON implementation reads it exactly.
+	MaxSecurityVersion = 1<<53 - 1
+	// SourceMQTT is the manifest source meaning "chunks over the broker".
+	SourceMQTT = "mqtt"
+)
+
+const (
 	maxHardware           = 64
 	maxSources            = 8
 	maxSourceLen          = 2048
 	maxIdentLen           = 64
-	SourceMQTT            = "mqtt"
 	maxEnvelopeSize       = 64 << 10
 	maxSignatures         = 8
-	signatureContext      = "tpmagent-firmware-manifest-v1\x00"
 	maxTextField          = 64
-	httpsScheme           = "https"
+	signatureContext      = "tpmagent-firmware-manifest-v1\x00"
 	createdTimeFormat     = time.RFC3339
 	defaultMaxCounterStep = 1000
 )
@@ -181,7 +188,7 @@ func validateSource(s string) error {
 	if err != nil {
 		return fmt.Errorf("not %q or an https:// URL", SourceMQTT)
 	}
-	if u.Scheme != httpsScheme || u.Host == "" || u.Opaque != "" {
+	if u.Scheme != "https" || u.Host == "" || u.Opaque != "" {
 		return fmt.Errorf("not %q or an https:// URL", SourceMQTT)
 	}
 	if u.User != nil {

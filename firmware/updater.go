@@ -46,6 +46,12 @@ type Config struct {
 	MaxBootAttempts int
 	// MaxCounterStep is the largest accepted security_version jump; 0 means 1000.
 	MaxCounterStep uint64
+	// CurrentVersion, if set, is the version running now: a job for it that this state
+	// directory knows nothing about (e.g. after the directory was deleted) is ignored instead
+	// of being installed again.
+	CurrentVersion string
+	// PersistEvery is Downloader.PersistEvery (0: 1 MiB).
+	PersistEvery int64
 	Log            *slog.Logger
 }
 
@@ -97,7 +103,7 @@ func New(cfg Config) (*Updater, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("firmware: updater state directory: %w", err)
 	}
-	return &Updater{cfg: cfg, dl: &Downloader{Dir: cfg.StateDir, Log: cfg.Log}}, nil
+	return &Updater{cfg: cfg, dl: &Downloader{Dir: cfg.StateDir, Log: cfg.Log, PersistEvery: cfg.PersistEvery}}, nil
 }
 
 // BytesFetched returns the image bytes this Updater received from sources.
@@ -216,6 +222,10 @@ func (u *Updater) handleJob(ctx context.Context, job []byte) error {
 		}
 	} else if prev.Phase == StateRestarting || prev.Phase == StateHealthCheck {
 		return fmt.Errorf("firmware: %s %s is on trial (%s); job %s %s must wait: %w", prev.Name, prev.Version, prev.Phase, m.Name, m.Version, ErrBusy)
+	}
+	if !resuming && u.cfg.CurrentVersion != "" && m.Version == u.cfg.CurrentVersion && prev.Digest != m.Digest() {
+		u.cfg.Log.Info("firmware job is for the running version: ignored", "version", m.Version)
+		return nil
 	}
 	st := &jobState{Phase: StateDownloading, Digest: m.Digest(), Job: job, Name: m.Name, Version: m.Version, SecurityVersion: m.SecurityVersion}
 	if resuming {

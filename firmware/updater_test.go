@@ -77,6 +77,22 @@ func TestUpdateCommitted(t *testing.T) {
 	if srv.requests.Load() != reqs || len(d.rep.all()) != n || d.restarts.Load() != 1 {
 		t.Fatal("a committed job was handled again")
 	}
+
+	// State directory lost: an Updater that knows the running version still ignores the job.
+	if err := os.RemoveAll(d.stateDir); err != nil {
+		t.Fatal(err)
+	}
+	u3, err := New(Config{StateDir: d.stateDir, Hardware: d.hardware, Trust: rel.trust, Counter: counter,
+		Installer: d.slots, Reporter: d.rep, OpenSource: d.sources.Open, CurrentVersion: "2.0.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := u3.HandleJob(ctx, job); err != nil {
+		t.Fatal(err)
+	}
+	if srv.requests.Load() != reqs || len(d.rep.all()) != n {
+		t.Fatal("job for the running version was handled after the state directory was lost")
+	}
 }
 
 // TestRejectedBeforeDownload: each of these is rejected with its reason before a single byte
@@ -258,7 +274,7 @@ func TestHealthCheckFailureRollsBack(t *testing.T) {
 		text   string
 	}{
 		{"check fails", func(context.Context) error { return errors.New("broker unreachable: no PUBACK for telemetry") }, ReasonHealthCheckFailed, "no PUBACK for telemetry"},
-		{"check times out", func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }, ReasonHealthCheckFailed, "did not pass within"},
+		{"check times out", func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }, ReasonHealthCheckFailed, "did not pass within 300ms"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -267,6 +283,7 @@ func TestHealthCheckFailureRollsBack(t *testing.T) {
 			job := rel.sign(t, rel.manifest(t, "2.0.0", srv.URL()))
 			counter := NewMemoryCounter(1)
 			d := newDevice(t, counter, srv.client)
+			d.healthTimeout = 300 * time.Millisecond
 			ctx := context.Background()
 			if err := d.updater(t, rel.trust).HandleJob(ctx, job); err != nil {
 				t.Fatal(err)
@@ -277,7 +294,7 @@ func TestHealthCheckFailureRollsBack(t *testing.T) {
 				t.Fatal(err)
 			}
 			if el := time.Since(start); el > 5*time.Second {
-				t.Fatalf("health check took %s with a 2s timeout", el)
+				t.Fatalf("health check took %s with a 300ms timeout", el)
 			}
 			last := d.rep.last()
 			mustEqual(t, "state", last.State, StateRolledBack)
