@@ -4,13 +4,23 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+
+	"github.com/tpmagent/tpmagent/agent/spool"
+	"github.com/tpmagent/tpmagent/agent/status"
 )
 
-// Record is one spooled message as the queue returns it.
-type Record struct {
-	Seq  uint64
-	Data []byte
+var _ Queue = (*spool.Spool)(nil)
+
+// SpoolStats adapts the spool's statistics for status.Counters.SpoolStats.
+func SpoolStats(s *spool.Spool) func() status.Spool {
+	return func() status.Spool {
+		st := s.Stats()
+		return status.Spool{Records: st.Records, Bytes: st.Bytes, Dropped: st.Dropped, TornTailRepairs: st.TornTailRepairs, CorruptSkips: st.CorruptSkips}
+	}
 }
+
+// Record is one spooled record as the queue returns it.
+type Record = spool.Record
 
 // Queue is the durable queue between batcher and publisher; agent/spool.Spool
 // implements it. Append is durable on return; Next hands records to one
