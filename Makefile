@@ -46,3 +46,21 @@ demo: build
 
 clean:
 	rm -rf bin dist .demo
+
+# Deployment (issue 8): Debian packages for amd64, arm64 and armhf in dist/
+# (nfpm, pinned in scripts/deb.sh); deb-check lists and installs them (root);
+# check-unit runs systemd-analyze verify/security on configs/tpmagent.service;
+# test-arm runs the pure-Go packages' tests under qemu-user.
+.PHONY: deb deb-check check-unit test-arm
+
+deb:
+	VERSION=$(VERSION) COMMIT=$(COMMIT) bash scripts/deb.sh build
+
+deb-check:
+	bash scripts/deb.sh check
+
+check-unit:
+	bash scripts/check-unit.sh
+
+test-arm:
+	bash scripts/test-arm.sh
