@@ -18,7 +18,9 @@ func openSim(tb testing.TB) (*TPM, *simulator.Simulator) {
 	if err != nil {
 		tb.Fatalf("simulator: %v", err)
 	}
-	t := OpenTransport(transport.FromReadWriteCloser(sim), "simulator")
+	// The TPM wrapper does not own the simulator: tests may swap the transport underneath.
+	tb.Cleanup(func() { _ = sim.Close() })
+	t := OpenTransport(transport.FromReadWriter(sim), "simulator")
 	tb.Cleanup(func() { t.Close() })
 	return t, sim
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"reflect"
@@ -416,5 +417,70 @@ func TestTPMCloseFlushesSessions(t *testing.T) {
 	other := OpenTransport(transport.FromReadWriter(sim), "simulator")
 	if tr, se := loadedHandles(t, other); len(tr)+len(se) != 0 {
 		t.Fatalf("after TPM.Close: transient %x, sessions %x", tr, se)
+	}
+}
+
+// recordingTPM keeps a copy of every command sent.
+type recordingTPM struct {
+	next transport.TPM
+	cmds [][]byte
+}
+
+func (r *recordingTPM) Send(cmd []byte) ([]byte, error) {
+	r.cmds = append(r.cmds, append([]byte(nil), cmd...))
+	return r.next.Send(cmd)
+}
+
+// TestSignParameterEncryption checks on the wire that the digest never travels in clear and
+// that the session is salted with the SRK.
+func TestSignParameterEncryption(t *testing.T) {
+	tpm, _ := openSim(t)
+	ctx := testCtx(t)
+	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
+		t.Fatal(err)
+	}
+	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := &recordingTPM{next: tpm.rt.next}
+	tpm.rt.next = rec
+	digests := [][]byte{}
+	for i := 0; i < 3; i++ {
+		d := sha256.Sum256([]byte{byte(i)})
+		digests = append(digests, d[:])
+		if _, err := k.Sign(nil, d[:], crypto.SHA256); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var starts, signs int
+	for _, c := range rec.cmds {
+		cc := tpm2.TPMCC(binary.BigEndian.Uint32(c[6:10]))
+		switch cc {
+		case tpm2.TPMCCStartAuthSession:
+			starts++
+			if tpmKey := binary.BigEndian.Uint32(c[10:14]); tpmKey != DefaultSRKHandle {
+				t.Errorf("StartAuthSession tpmKey = 0x%x, want the SRK 0x%x (salted)", tpmKey, DefaultSRKHandle)
+			}
+		case tpm2.TPMCCSign:
+			signs++
+			if binary.BigEndian.Uint32(c[10:14]) != DefaultKeyHandle {
+				t.Errorf("Sign key handle 0x%x", binary.BigEndian.Uint32(c[10:14]))
+			}
+			// handle (4), authorization size (4), then TPMS_AUTH_COMMAND: session handle (4),
+			// nonce (2+16), attributes (1).
+			sessAttrs := c[14+4+4+2+16]
+			if sessAttrs&0x20 == 0 || sessAttrs&0x01 == 0 {
+				t.Errorf("Sign session attributes 0x%02x: want continueSession|decrypt (0x21)", sessAttrs)
+			}
+		}
+		for _, d := range digests {
+			if bytes.Contains(c, d) {
+				t.Fatalf("digest %x sent in clear in command 0x%x", d, cc)
+			}
+		}
+	}
+	if starts != 1 || signs != 3 {
+		t.Fatalf("%d StartAuthSession and %d Sign commands, want 1 and 3 (one reused session)", starts, signs)
 	}
 }

@@ -137,3 +137,28 @@ func (c *Counter) Increment(ctx context.Context) error {
 	}
 	return nil
 }
+
+// maxAdvance bounds AdvanceTo: each step is one NV write.
+const maxAdvance = 4096
+
+// AdvanceTo increments the counter until it is at least v (at most 4096 steps; NV writes
+// wear the TPM). A counter already at or above v is left alone.
+func (c *Counter) AdvanceTo(ctx context.Context, v uint64) error {
+	cur, err := c.Read(ctx)
+	if err != nil {
+		return err
+	}
+	if cur >= v {
+		return nil
+	}
+	if v-cur > maxAdvance {
+		return fmt.Errorf("tpmkeys: NV counter 0x%x: advancing from %d to %d needs more than %d increments",
+			uint32(c.index), cur, v, maxAdvance)
+	}
+	for ; cur < v; cur++ {
+		if err := c.Increment(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
