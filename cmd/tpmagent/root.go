@@ -105,8 +105,13 @@ func (a *app) loadConfig(cmd *cobra.Command) (*config.Config, error) {
 // logger builds the process logger from cfg.Log: text or JSON on stderr;
 // without timestamps when journald captures stderr (JOURNAL_STREAM set).
 func (a *app) logger(cfg *config.Config) *slog.Logger {
-	var level slog.Level
+	level := new(slog.LevelVar)
 	_ = level.UnmarshalText([]byte(cfg.Log.Level))
+	return a.loggerWithLevel(cfg, level)
+}
+
+// loggerWithLevel is logger with a level that can change later (SIGHUP).
+func (a *app) loggerWithLevel(cfg *config.Config, level slog.Leveler) *slog.Logger {
 	opts := &slog.HandlerOptions{Level: level}
 	if os.Getenv("JOURNAL_STREAM") != "" {
 		opts.ReplaceAttr = func(groups []string, at slog.Attr) slog.Attr {

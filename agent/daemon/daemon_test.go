@@ -1,0 +1,260 @@
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpmagent/tpmagent/agent/batch"
+	"github.com/tpmagent/tpmagent/agent/source"
+	"github.com/tpmagent/tpmagent/internal/testdevice"
+	"github.com/tpmagent/tpmagent/internal/testenv"
+	"github.com/tpmagent/tpmagent/transport"
+)
+
+// notifyListener is a NOTIFY_SOCKET for the test: it records every datagram.
+type notifyListener struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func listenNotify(t *testing.T) *notifyListener {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	n := &notifyListener{}
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			k, err := conn.Read(buf)
+			if err != nil {
+				return
+			}
+			n.mu.Lock()
+			for _, line := range strings.Split(strings.TrimSpace(string(buf[:k])), "\n") {
+				n.msgs = append(n.msgs, line)
+			}
+			n.mu.Unlock()
+		}
+	}()
+	t.Setenv("NOTIFY_SOCKET", path)
+	return n
+}
+
+func (n *notifyListener) count(prefix string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, m := range n.msgs {
+		if strings.HasPrefix(m, prefix) {
+			c++
+		}
+	}
+	return c
+}
+
+func (n *notifyListener) waitFor(t *testing.T, prefix string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for n.count(prefix) == 0 {
+		if time.Now().After(deadline) {
+			n.mu.Lock()
+			defer n.mu.Unlock()
+			t.Fatalf("no %q from the agent within %v; got %q", prefix, timeout, n.msgs)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// subscribe connects a software-identity subscriber and counts readings on
+// the device's telemetry topic (JSON batches).
+func subscribe(t *testing.T, d *testdevice.Device, topic string) (readings func() int, payloads func() [][]byte) {
+	t.Helper()
+	_, _, cert := d.PKI.SoftClient(t, "subscriber")
+	c, err := transport.NewClient(transport.ClientOptions{
+		URLs:         []string{d.Broker.URL()},
+		TLS:          &tls.Config{RootCAs: d.PKI.Pool(), Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13},
+		ClientID:     "subscriber",
+		StatusTopic:  "-",
+		CleanSession: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(func() { c.Close(context.Background()); cancel() })
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	if err := c.WaitConnected(wctx); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	n := 0
+	var all [][]byte
+	if err := c.Subscribe(ctx, topic, 1, func(m transport.Message) {
+		rs, err := batch.Decode(m.Payload)
+		mu.Lock()
+		defer mu.Unlock()
+		all = append(all, m.Payload)
+		if err == nil {
+			n += len(rs)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return func() int { mu.Lock(); defer mu.Unlock(); return n },
+		func() [][]byte { mu.Lock(); defer mu.Unlock(); return append([][]byte(nil), all...) }
+}
+
+func lines(from, n int) string {
+	var b strings.Builder
+	for i := from; i < from+n; i++ {
+		fmt.Fprintf(&b, "{\"name\":\"t\",\"value\":%d}\n", i)
+	}
+	return b.String()
+}
+
+func waitSocket(t *testing.T, path string) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if _, err := os.Stat(path); err == nil {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Fatalf("telemetry socket %s never appeared", path)
+}
+
+// TestRunPublishesAndNotifiesSystemd runs the daemon against swtpm and a TLS
+// mosquitto: readings sent to the socket reach a subscriber; systemd hears
+// READY=1, WATCHDOG=1, STATUS= and STOPPING=1.
+func TestRunPublishesAndNotifiesSystemd(t *testing.T) {
+	n := listenNotify(t)
+	t.Setenv("WATCHDOG_USEC", "400000")
+	t.Setenv("WATCHDOG_PID", "")
+	d := testdevice.New(t, testdevice.Options{})
+	readings, _ := subscribe(t, d, "devices/"+d.ID+"/#")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, Options{Config: d.Config, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})), StatusInterval: 200 * time.Millisecond})
+	}()
+	waitSocket(t, d.Config.Telemetry.Socket)
+	n.waitFor(t, "READY=1", 15*time.Second)
+
+	const total = 5000
+	sctx, scancel := context.WithTimeout(ctx, 30*time.Second)
+	ok, rejected, err := source.Send(sctx, d.Config.Telemetry.Socket, strings.NewReader(lines(0, total)), nil)
+	scancel()
+	if err != nil || ok != total || rejected != 0 {
+		t.Fatalf("send: ok %d rejected %d err %v", ok, rejected, err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for readings() < total && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if got := readings(); got < total {
+		t.Fatalf("subscriber received %d of %d readings", got, total)
+	}
+	n.waitFor(t, "WATCHDOG=1", 5*time.Second)
+	n.waitFor(t, "STATUS=", 5*time.Second)
+	if !strings.Contains(d.Broker.LogText(), d.ID) {
+		t.Errorf("broker log does not name the device CN %q as username", d.ID)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("run did not stop after cancel")
+	}
+	n.waitFor(t, "STOPPING=1", time.Second)
+}
+
+// stallingPublisher stops publishing (blocks) after the first stallAfter
+// messages while claiming to be connected: a stuck publishing loop.
+type stallingPublisher struct {
+	transport.Publisher
+	mu    sync.Mutex
+	n     int
+	after int
+	stuck chan struct{}
+	once  sync.Once
+}
+
+func (s *stallingPublisher) Publish(ctx context.Context, topic string, qos byte, retained bool, payload []byte, done func(error)) error {
+	s.mu.Lock()
+	s.n++
+	stall := s.n > s.after
+	s.mu.Unlock()
+	if stall {
+		s.once.Do(func() { close(s.stuck) })
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	return s.Publisher.Publish(ctx, topic, qos, retained, payload, done)
+}
+
+// TestWatchdogStopsWhenPublishingStalls: with the publishing loop stuck
+// while connected and records waiting, WATCHDOG=1 stops so that systemd
+// restarts the agent.
+func TestWatchdogStopsWhenPublishingStalls(t *testing.T) {
+	n := listenNotify(t)
+	t.Setenv("WATCHDOG_USEC", "600000")
+	d := testdevice.New(t, testdevice.Options{})
+	d.Config.Telemetry.BatchMax = 1
+	sp := &stallingPublisher{after: 3, stuck: make(chan struct{})}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, Options{Config: d.Config, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})),
+			WrapPublisher: func(p transport.Publisher) transport.Publisher { sp.Publisher = p; return sp }})
+	}()
+	waitSocket(t, d.Config.Telemetry.Socket)
+	n.waitFor(t, "READY=1", 15*time.Second)
+	n.waitFor(t, "WATCHDOG=1", 5*time.Second)
+	go func() {
+		sctx, scancel := context.WithTimeout(ctx, 20*time.Second)
+		defer scancel()
+		_, _, _ = source.Send(sctx, d.Config.Telemetry.Socket, strings.NewReader(lines(0, 50)), nil)
+	}()
+	select {
+	case <-sp.stuck:
+	case <-time.After(15 * time.Second):
+		t.Fatal("publisher never stalled")
+	}
+	// Give the loop one stall period to notice, then watch for pings.
+	time.Sleep(900 * time.Millisecond)
+	before := n.count("WATCHDOG=1")
+	time.Sleep(1500 * time.Millisecond)
+	if after := n.count("WATCHDOG=1"); after != before {
+		t.Fatalf("watchdog still pinged %d times while publishing was stalled", after-before)
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("run did not stop")
+	}
+}
+
+var _ = testenv.FreePort
