@@ -245,7 +245,7 @@ func (s *ChunkServer) Handle(payload []byte) (device string, resp []byte, err er
 	if req.Length > s.ChunkSize {
 		return req.Device, EncodeChunkError(req.Offset, fmt.Sprintf("length %d exceeds chunk_size %d", req.Length, s.ChunkSize)), nil
 	}
-	if req.Offset+int64(req.Length) > s.Size {
+	if req.Offset > s.Size || int64(req.Length) > s.Size-req.Offset {
 		return req.Device, EncodeChunkError(req.Offset, fmt.Sprintf("range %d+%d beyond image size %d", req.Offset, req.Length, s.Size)), nil
 	}
 	buf := make([]byte, chunkHeaderLen+req.Length)

@@ -103,6 +103,27 @@ type imageServer struct {
 	clientCNs []string
 	served    atomic.Int64
 	requests  atomic.Int64
+	// files of the PKI, for a child process that needs the same identity
+	caFile, certFile, keyFile string
+	// delay, if set, is slept after each 32 KiB written (a slow link)
+	delay time.Duration
+	// cutAfter, if > 0, makes the first response stop after that many bytes (connection dropped)
+	cutAfter int64
+	cut      atomic.Bool
+	// inflight counts running handlers
+	inflight sync.WaitGroup
+}
+
+// waitIdle waits until no handler runs (a killed client's response has stopped being written).
+func (s *imageServer) waitIdle(t testing.TB) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() { s.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("image server handler still running 10s after its client died")
+	}
 }
 
 func newImageServer(t testing.TB, image []byte) *imageServer {
@@ -112,8 +133,8 @@ func newImageServer(t testing.TB, image []byte) *imageServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, _, clientCert := pki.SoftClient(t, "dev-0001")
-	s := &imageServer{image: image}
+	certFile, keyFile, clientCert := pki.SoftClient(t, "dev-0001")
+	s := &imageServer{image: image, caFile: pki.CAFile, certFile: certFile, keyFile: keyFile}
 	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
 	s.srv.TLS = &tls.Config{
 		Certificates: []tls.Certificate{srvCert},
@@ -136,12 +157,56 @@ func (s *imageServer) URL() string { return s.srv.URL + "/tpmagent/image" }
 
 func (s *imageServer) serve(w http.ResponseWriter, r *http.Request) {
 	s.requests.Add(1)
+	s.inflight.Add(1)
+	defer s.inflight.Done()
 	s.mu.Lock()
 	s.ranges = append(s.ranges, r.Header.Get("Range"))
 	s.clientCNs = append(s.clientCNs, r.TLS.PeerCertificates[0].Subject.CommonName)
 	img := s.image
 	s.mu.Unlock()
-	http.ServeContent(countingWriter{w, &s.served}, r, "image", time.Time{}, strings.NewReader(string(img)))
+	var out http.ResponseWriter = countingWriter{w, &s.served}
+	if s.delay > 0 || s.cutAfter > 0 {
+		out = &shapingWriter{ResponseWriter: out, s: s, limit: -1}
+		if s.cutAfter > 0 && s.cut.CompareAndSwap(false, true) {
+			out.(*shapingWriter).limit = s.cutAfter
+		}
+	}
+	http.ServeContent(out, r, "image", time.Time{}, strings.NewReader(string(img)))
+}
+
+// shapingWriter writes in 32 KiB pieces, sleeping s.delay after each, and aborts the
+// connection after limit bytes (limit < 0: never).
+type shapingWriter struct {
+	http.ResponseWriter
+	s       *imageServer
+	limit   int64
+	written int64
+}
+
+func (w *shapingWriter) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		k := min(len(p), 32<<10)
+		if w.limit >= 0 && w.written+int64(k) > w.limit {
+			k = int(w.limit - w.written)
+			m, _ := w.ResponseWriter.Write(p[:k])
+			w.written += int64(m)
+			w.ResponseWriter.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler) // drop the connection mid-body
+		}
+		m, err := w.ResponseWriter.Write(p[:k])
+		n += m
+		w.written += int64(m)
+		if err != nil {
+			return n, err
+		}
+		w.ResponseWriter.(http.Flusher).Flush()
+		p = p[k:]
+		if w.s.delay > 0 {
+			time.Sleep(w.s.delay)
+		}
+	}
+	return n, nil
 }
 
 func (s *imageServer) Ranges() []string {
@@ -160,6 +225,8 @@ func (c countingWriter) Write(p []byte) (int, error) {
 	c.n.Add(int64(n))
 	return n, err
 }
+
+func (c countingWriter) Flush() { c.ResponseWriter.(http.Flusher).Flush() }
 
 // recorder is a Reporter that keeps every status.
 type recorder struct {

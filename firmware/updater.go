@@ -52,7 +52,8 @@ type Config struct {
 	CurrentVersion string
 	// PersistEvery is Downloader.PersistEvery (0: 1 MiB).
 	PersistEvery int64
-	Log          *slog.Logger
+	// Log receives progress and warnings; nil discards them.
+	Log *slog.Logger
 }
 
 // Updater runs the device side of firmware updates. Its methods serialize on an internal lock;

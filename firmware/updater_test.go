@@ -242,6 +242,7 @@ func TestInterruptedDownloadResumes(t *testing.T) {
 		t.Fatalf("first run fetched %d of %d bytes", got1, size)
 	}
 	d.rep.onReport = nil
+	srv.waitIdle(t)
 	servedBefore := srv.served.Load()
 
 	// The agent starts again and resumes the persisted job.
