@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# make bench: Go benchmarks, then whole-process runs against one TLS mosquitto
+# (max_queued_messages 0) in one invocation: references and tpmagent bench
+# with the same count and payload size, a counting subscriber for each.
+# Prints a markdown table with the ratios (docs/BENCHMARKS.md has results).
+#
+#   BENCH_COUNT=200000 BENCH_SIZE=64 bash scripts/bench.sh
+#   BENCH_GO=0 skips the Go benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+N=${BENCH_COUNT:-200000}
+SIZE=${BENCH_SIZE:-64}
+BIN=$ROOT/bin/tpmagent
+[ -x "$BIN" ] || make -s build
+D=$(mktemp -d /tmp/tpmagent-bench.XXXXXX)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$D"; }
+trap cleanup EXIT INT TERM
+
+if [ "${BENCH_GO:-1}" = 1 ]; then
+	echo "## Go benchmarks"
+	go test -run '^$' -bench 'Sign' -benchtime 200x ./tpmkeys | grep -E '^(Benchmark|ok)'
+	go test -run '^$' -bench 'Handshake' -benchtime 200x ./transport | grep -E '^(Benchmark|ok)'
+	go test -run '^$' -bench 'Append' -benchtime 20000x ./agent/spool | grep -E '^(Benchmark|ok)'
+	go test -run '^$' -bench 'Encode' ./agent/batch | grep -E '^(Benchmark|ok)'
+	go test -run '^$' -bench 'Seal|Open' ./transport/seal | grep -E '^(Benchmark|ok)'
+	echo
+fi
+
+go build -o "$D/benchtool" ./internal/cmd/benchtool
+
+free_port() {
+	local p
+	for _ in $(seq 1 100); do
+		p=$((20000 + RANDOM % 30000))
+		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then echo "$p"; return; fi
+	done
+	exit 1
+}
+wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+# swtpm + device key + certificate
+TPM_PORT=$(free_port)
+mkdir -p "$D/tpm" "$D/pki"
+swtpm socket --tpm2 --server type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 \
+	--tpmstate dir="$D/tpm" --flags not-need-init,startup-clear >"$D/swtpm.log" 2>&1 &
+pids+=($!)
+wait_port "$TPM_PORT"
+BROKER_PORT=$(free_port)
+cat >"$D/agent.yaml" <<YAML
+device_id: bench-device
+state_dir: $D/state
+tpm: { device: "swtpm://127.0.0.1:$TPM_PORT" }
+broker: { urls: [mqtts://127.0.0.1:$BROKER_PORT], ca_file: $D/pki/ca.pem, cert_file: $D/pki/device.pem }
+telemetry: { socket: $D/telemetry.sock, inflight: 1024 }
+status: { socket: $D/status.sock }
+spool: { dir: $D/spool, fsync: batch }
+seal: { collector_key: $D/collector.key.pub }
+log: { level: warn }
+YAML
+A=("$BIN" --config "$D/agent.yaml")
+"${A[@]}" key create >/dev/null
+"${A[@]}" key csr --cn bench-device -o "$D/pki/device.csr"
+bash scripts/lab-pki.sh init "$D/pki" >/dev/null
+bash scripts/lab-pki.sh sign "$D/pki" "$D/pki/device.csr" "$D/pki/device.pem" >/dev/null
+bash scripts/lab-pki.sh client "$D/pki" bench-sub
+bash scripts/lab-pki.sh client "$D/pki" bench-ref
+"${A[@]}" collector keygen -o "$D/collector.key" >/dev/null 2>&1 || true
+
+cat >"$D/mosquitto.conf" <<CONF
+user root
+per_listener_settings false
+allow_anonymous false
+persistence false
+max_queued_messages 0
+max_inflight_messages 0
+set_tcp_nodelay true
+log_dest file $D/mosquitto.log
+listener $BROKER_PORT 127.0.0.1
+cafile $D/pki/ca.pem
+certfile $D/pki/server.pem
+keyfile $D/pki/server.key
+require_certificate true
+use_identity_as_username true
+CONF
+mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
+pids+=($!)
+wait_port "$BROKER_PORT"
+URL=mqtts://127.0.0.1:$BROKER_PORT
+SUB=("$D/benchtool" count-sub -url "$URL" -ca "$D/pki/ca.pem" -cert "$D/pki/bench-sub.pem" -key "$D/pki/bench-sub.key" -id bench-sub -idle 10s)
+
+# payload lines for mosquitto_pub -l
+head -c $((SIZE - 1)) /dev/zero | tr '\0' 'x' >"$D/line"
+awk -v n="$N" 'NR==1{l=$0} END{for(i=0;i<n;i++) print l}' "$D/line" >"$D/lines"
+
+now() { date +%s.%N; }
+calc() { awk "BEGIN { print $* }"; }
+declare -A SEC MSGS READS RSS
+# run_case NAME TOPIC EXPECT_MSGS -- command...
+run_case() {
+	local name=$1 topic=$2 expect=$3
+	shift 4
+	rm -f "$D/ready"
+	"${SUB[@]}" -topic "$topic" -qos 1 -n "$expect" -ready "$D/ready" >"$D/sub-$name.json" &
+	local sp=$!
+	for _ in $(seq 1 100); do [ -f "$D/ready" ] && break; sleep 0.05; done
+	local t0 t1
+	t0=$(now)
+	"$@" >"$D/out-$name.json"
+	t1=$(now)
+	wait $sp || true
+	SEC[$name]=$(calc "$t1 - $t0")
+	MSGS[$name]=$(sed -n 's/.*"messages":\([0-9]*\).*/\1/p' "$D/sub-$name.json")
+	READS[$name]=$(sed -n 's/.*"readings":\([0-9]*\).*/\1/p' "$D/sub-$name.json")
+	RSS[$name]=$(sed -n 's/.*"rss_peak_kib":\([0-9]*\).*/\1/p' "$D/out-$name.json")
+}
+
+run_case mosquitto_pub_q0 bench/ref "$N" -- mosquitto_pub -h 127.0.0.1 -p "$BROKER_PORT" --cafile "$D/pki/ca.pem" \
+	--cert "$D/pki/bench-ref.pem" --key "$D/pki/bench-ref.key" -q 0 -t bench/ref -l -i bench-ref <"$D/lines"
+run_case paho_q1 bench/ref "$N" -- "$D/benchtool" paho-pub -url "$URL" -ca "$D/pki/ca.pem" -cert "$D/pki/bench-ref.pem" \
+	-key "$D/pki/bench-ref.key" -id bench-ref -qos 1 -n "$N" -size "$SIZE" -window 1000
+T="devices/bench-device/telemetry/#"
+run_case agent_q0 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 0 --size "$SIZE" --batch 1 --json
+run_case agent_q1 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --json
+run_case agent_q1_b64 "$T" $(((N + 63) / 64)) -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 64 --json
+run_case agent_q1_seal "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --seal --json
+
+rate() { calc "${MSGS[$1]:-0} / ${SEC[$1]}"; }
+rrate() { calc "${READS[$1]:-0} / ${SEC[$1]}"; }
+ratio() { calc "$1 / $2"; }
+f0() { printf '%.0f' "$1"; }
+f2() { printf '%.2f' "$1"; }
+
+q0ref=$(rate mosquitto_pub_q0)
+q1ref=$(rate paho_q1)
+echo "## Whole-process runs: $N messages of $SIZE bytes, one TLS mosquitto, counting subscriber (QoS1)"
+echo
+echo "| run | delivered msgs | readings | seconds | msgs/s | readings/s | peak RSS KiB | ratio | goal |"
+echo "|---|---|---|---|---|---|---|---|---|"
+row() { # name ratio goal
+	printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "${MSGS[$1]:-0}" "${READS[$1]:-0}" "$(f2 "${SEC[$1]}")" \
+		"$(f0 "$(rate "$1")")" "$(f0 "$(rrate "$1")")" "${RSS[$1]:--}" "$2" "$3"
+}
+row mosquitto_pub_q0 "1.00 (QoS0 ref)" "-"
+row paho_q1 "1.00 (QoS1 ref)" "-"
+row agent_q0 "$(f2 "$(ratio "$(rate agent_q0)" "$q0ref")")× mosquitto_pub" "≥ 1.0"
+row agent_q1 "$(f2 "$(ratio "$(rate agent_q1)" "$q1ref")")× paho" "≥ 1.5"
+row agent_q1_b64 "$(f2 "$(ratio "$(rrate agent_q1_b64)" "$q0ref")")× mosquitto_pub (readings/s)" "≥ 10"
+row agent_q1_seal "$(f2 "$(ratio "$(rate agent_q1_seal)" "$(rate agent_q1)")")× unsealed QoS1" "≥ 0.9"
+echo
+for k in agent_q0 agent_q1 agent_q1_b64 agent_q1_seal; do echo "tpmagent bench $k: $(cat "$D/out-$k.json")"; done
