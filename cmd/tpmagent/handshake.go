@@ -3,10 +3,7 @@ package main
 import (
 	"context"
 	"crypto"
-	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -16,7 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tpmagent/tpmagent/agent/config"
-	"github.com/tpmagent/tpmagent/tpmkeys"
+	"github.com/tpmagent/tpmagent/agent/identity"
 	"github.com/tpmagent/tpmagent/transport"
 )
 
@@ -156,60 +153,12 @@ func (a *app) runHandshake(ctx context.Context, cfg *config.Config, rawURL strin
 // handshakeDeviceKey returns the device key: the TPM key at tpm.key_handle, or a
 // software key from broker.key_file (not protected by the TPM; logged).
 func handshakeDeviceKey(ctx context.Context, cfg *config.Config, log *slog.Logger) (crypto.Signer, func(), error) {
-	if cfg.Broker.KeyFile != "" {
-		s, err := handshakeSoftwareKey(cfg.Broker.KeyFile)
-		if err != nil {
-			return nil, nil, err
-		}
-		log.Warn("device key loaded from broker.key_file, not from the TPM: the private key is a file on disk", "file", cfg.Broker.KeyFile)
-		return s, func() {}, nil
-	}
-	tp, err := tpmkeys.Open(ctx, cfg.TPM.Device)
+	id, err := identity.Open(ctx, cfg, true, log)
 	if err != nil {
-		return nil, nil, fmt.Errorf("handshake: tpm.device %s: %w", cfg.TPM.Device, err)
-	}
-	k, err := tp.OpenKey(ctx, tpmkeys.KeySpec{Handle: uint32(cfg.TPM.KeyHandle), SRKHandle: uint32(cfg.TPM.SRKHandle), Type: cfg.TPM.KeyType})
-	if err != nil {
-		tp.Close()
-		if errors.Is(err, tpmkeys.ErrKeyNotFound) {
-			return nil, nil, fmt.Errorf("handshake: %w (create it with `tpmagent key create`, then get a certificate with `tpmagent key csr`)", err)
-		}
 		return nil, nil, fmt.Errorf("handshake: %w", err)
 	}
-	return k, func() { tp.Close() }, nil
+	return id.Signer, func() { id.Close() }, nil
 }
 
 // handshakeSoftwareKey reads a PEM private key (PKCS#8, SEC 1 EC or PKCS#1 RSA).
-func handshakeSoftwareKey(path string) (crypto.Signer, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("broker.key_file %s: %w", path, err)
-	}
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		var k any
-		switch blk.Type {
-		case "PRIVATE KEY":
-			k, err = x509.ParsePKCS8PrivateKey(blk.Bytes)
-		case "EC PRIVATE KEY":
-			k, err = x509.ParseECPrivateKey(blk.Bytes)
-		case "RSA PRIVATE KEY":
-			k, err = x509.ParsePKCS1PrivateKey(blk.Bytes)
-		default:
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("broker.key_file %s: %w", path, err)
-		}
-		s, ok := k.(crypto.Signer)
-		if !ok {
-			return nil, fmt.Errorf("broker.key_file %s: %T cannot sign", path, k)
-		}
-		return s, nil
-	}
-	return nil, fmt.Errorf("broker.key_file %s: no PEM private key found", path)
-}
+func handshakeSoftwareKey(path string) (crypto.Signer, error) { return identity.LoadKeyFile(path) }
