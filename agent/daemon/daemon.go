@@ -72,6 +72,7 @@ type daemon struct {
 	spool    *spool.Spool
 	client   *transport.Client
 	pipeline *agent.Pipeline
+	firmware firmwareState
 
 	// watchdog state: the acked count and when it last moved.
 	lastAcked    uint64
@@ -106,6 +107,7 @@ func Run(ctx context.Context, opts Options) error {
 		{"build TLS configuration", d.buildTLS},
 		{"open spool", d.openSpool},
 		{"connect", d.connect},
+		{"start firmware updates", d.startFirmware},
 	}
 	for _, s := range steps {
 		if err := s.fn(ctx); err != nil {
