@@ -115,7 +115,7 @@ func ensureSRK(tp transport.TPM, h tpm2.TPMHandle) (pub tpm2.TPMTPublic, name tp
 		a := p.ObjectAttributes
 		if !a.Restricted || !a.Decrypt || a.SignEncrypt || (p.Type != tpm2.TPMAlgECC && p.Type != tpm2.TPMAlgRSA) {
 			typ, _ := keyTypeOf(p)
-			return pub, name, false, fmt.Errorf("tpmkeys: SRK handle 0x%x holds a %s object with attributes %s, "+
+			return pub, name, false, fmt.Errorf("tpmkeys: SRK handle 0x%x holds an object of type %s with attributes %s, "+
 				"not a storage key (restricted|decrypt): set tpm.srk_handle to a free handle or remove it "+
 				"(tpm2_evictcontrol -C o -c 0x%x)", uint32(h), typ, strings.Join(attributeNames(a), "|"), uint32(h))
 		}
@@ -179,7 +179,7 @@ func readKey(tp transport.TPM, h tpm2.TPMHandle) (*keyInfo, error) {
 func (ki *keyInfo) usable(h tpm2.TPMHandle) error {
 	a := ki.public.ObjectAttributes
 	attrs := strings.Join(attributeNames(a), "|")
-	what := fmt.Sprintf("handle 0x%x holds a %s object with attributes %s", uint32(h), ki.typ, attrs)
+	what := fmt.Sprintf("handle 0x%x holds an object of type %s with attributes %s", uint32(h), ki.typ, attrs)
 	fix := fmt.Sprintf("set tpm.key_handle to a signing key, or replace it with `tpmagent key create --force` "+
 		"(or evict it: tpm2_evictcontrol -C o -c 0x%x)", uint32(h))
 	if !a.SignEncrypt {
@@ -239,7 +239,7 @@ func (t *TPM) CreateKey(ctx context.Context, spec KeySpec, force bool) (CreateRe
 				return err
 			}
 			if ki.typ != spec.Type {
-				return fmt.Errorf("tpmkeys: %w: handle 0x%x holds a %s key, configured tpm.key_type is %s: "+
+				return fmt.Errorf("tpmkeys: %w: handle 0x%x holds a key of type %s, configured tpm.key_type is %s: "+
 					"set tpm.key_type: %s to use it, or replace it with `tpmagent key create --force`",
 					ErrKeyTypeMismatch, spec.Handle, ki.typ, spec.Type, ki.typ)
 			}
@@ -327,7 +327,7 @@ func (t *TPM) OpenKey(ctx context.Context, spec KeySpec) (*Key, error) {
 	}
 	if k.typ != spec.Type {
 		k.Close()
-		return nil, fmt.Errorf("tpmkeys: %w: handle 0x%x holds a %s key, configured tpm.key_type is %s: "+
+		return nil, fmt.Errorf("tpmkeys: %w: handle 0x%x holds a key of type %s, configured tpm.key_type is %s: "+
 			"set tpm.key_type: %s, or replace the key with `tpmagent key create --force`",
 			ErrKeyTypeMismatch, spec.Handle, k.typ, spec.Type, k.typ)
 	}
