@@ -1,8 +1,250 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"strings"
+	"time"
 
-// Stub: replaced wholesale by the work that implements this command.
+	"github.com/spf13/cobra"
+
+	"github.com/tpmagent/tpmagent/agent"
+	"github.com/tpmagent/tpmagent/agent/config"
+	"github.com/tpmagent/tpmagent/collector"
+	"github.com/tpmagent/tpmagent/tpmkeys"
+	"github.com/tpmagent/tpmagent/transport"
+	"github.com/tpmagent/tpmagent/transport/seal"
+)
+
+// newCollectCmd is `tpmagent collect`: the sealed-telemetry backend.
 func (a *app) newCollectCmd() *cobra.Command {
-	return &cobra.Command{Use: "collect", Short: "Backend: open sealed telemetry (not in this build yet)", RunE: a.notYet("collect")}
+	var (
+		output    string
+		jsonStats bool
+		clientID  string
+	)
+	cmd := &cobra.Command{
+		Use:   "collect [--output FILE] [--json-stats] [--client-id ID]",
+		Short: "Backend: subscribe, verify and open sealed telemetry, write JSON lines, count gaps and rejections",
+		Long: `collect is the fleet backend for sealed telemetry (docs/SEALED-TELEMETRY.md).
+It connects to broker.urls with its own mutual-TLS identity (broker.cert_file
+with the key in broker.key_file, a PEM file, or else the TPM key at
+tpm.key_handle), subscribes at QoS 1 with a persistent session to
+devices/+/sessions and to the sealed telemetry topic (telemetry.topic with
+{device_id} as "+", plus /sealed), and:
+
+  - accepts a session announcement only if its certificate chain verifies to
+    seal.fleet_ca, the certificate CN is the device id of the topic, and the
+    device key's signature is valid;
+  - opens frames with seal.collector_private_key, rejecting forged, altered,
+    moved and replayed frames, and parks frames that overtake their
+    announcement;
+  - writes one JSON line per reading to seal.output / --output (default "-",
+    standard output; a file is appended to, mode 0600):
+    {"device","session","seq","topic","reading":{"name","value","unit","ts","tags"}}
+    QoS 1 redeliveries are suppressed: every reading is written exactly once
+    while the process runs.
+
+It runs until SIGINT or SIGTERM, then prints its counters (opened, readings,
+gaps, replays_rejected, forged_rejected, wrong_device, unknown_session,
+bad_announcements, ...): to standard output when the readings go to a file,
+to standard error when they go to standard output. --json-stats prints them
+as one JSON object.
+
+Exit status: 0 after a signal, 1 on a runtime failure, 2 on a usage or
+configuration error.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := a.loadConfig(cmd)
+			if err != nil {
+				return err
+			}
+			if cmd.Flags().Changed("output") {
+				cfg.Seal.Output = output
+			}
+			return a.runCollect(cmd.Context(), cfg, clientID, jsonStats)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&output, "output", "", `file the JSON lines are appended to ("-": standard output; default seal.output)`)
+	f.BoolVar(&jsonStats, "json-stats", false, "print the counters on exit as one JSON object")
+	f.StringVar(&clientID, "client-id", "", `MQTT client id, stable so the broker keeps the session (default: device_id, else "tpmagent-collector")`)
+	return cmd
+}
+
+// runCollect runs the collector until ctx ends.
+func (a *app) runCollect(ctx context.Context, cfg *config.Config, clientID string, jsonStats bool) error {
+	log := a.logger(cfg)
+	if err := cfg.RequireBroker(); err != nil {
+		return err
+	}
+	if cfg.Seal.CollectorPrivateKey == "" {
+		return &config.FieldError{Field: "seal.collector_private_key", File: cfg.File, Msg: "is empty: point it at the key made by `tpmagent collector keygen -o FILE`"}
+	}
+	if cfg.Seal.FleetCA == "" {
+		return &config.FieldError{Field: "seal.fleet_ca", File: cfg.File, Msg: "is empty: point it at the PEM CA certificate(s) that device certificates chain to"}
+	}
+	priv, err := seal.LoadPrivateKey(cfg.Seal.CollectorPrivateKey)
+	if err != nil {
+		return usageError{fmt.Errorf("seal.collector_private_key: %w", err)}
+	}
+	fleet, err := loadCertPool(cfg.Seal.FleetCA)
+	if err != nil {
+		return usageError{err}
+	}
+	col, err := seal.NewCollector(priv, fleet, seal.CollectorOptions{})
+	if err != nil {
+		return fmt.Errorf("collect: %w", err)
+	}
+
+	out, statsOut := a.stdout, a.stderr
+	if cfg.Seal.Output != "" && cfg.Seal.Output != "-" {
+		f, err := os.OpenFile(cfg.Seal.Output, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		if err != nil {
+			return fmt.Errorf("collect: seal.output %s: %w (check the directory exists and is writable)", cfg.Seal.Output, err)
+		}
+		defer f.Close()
+		out, statsOut = f, a.stdout
+	}
+	framesFilter := strings.ReplaceAll(cfg.Telemetry.Topic, "{device_id}", "+") + agent.SealedSuffix
+	run, err := collector.New(collector.Options{
+		Collector:      col,
+		Output:         out,
+		SessionsFilter: collector.DefaultSessionsFilter,
+		FramesFilter:   framesFilter,
+		Logger:         log,
+	})
+	if err != nil {
+		return err
+	}
+
+	signer, closeKey, err := collectorKey(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer closeKey()
+	id, err := transport.NewTLSConfig(transport.TLSOptions{
+		Signer:     signer,
+		CertFile:   cfg.Broker.CertFile,
+		CAFile:     cfg.Broker.CAFile,
+		ServerName: cfg.Broker.ServerName,
+		MinTLS:     cfg.Broker.MinTLS,
+		Logger:     log,
+	})
+	if err != nil {
+		return fmt.Errorf("collect: %w", err)
+	}
+	if clientID == "" {
+		clientID = cfg.DeviceID
+	}
+	if clientID == "" {
+		clientID = "tpmagent-collector"
+	}
+	client, err := transport.NewClient(transport.ClientOptions{
+		URLs:           cfg.Broker.URLs,
+		TLS:            id.Config(),
+		AllowPlaintext: cfg.Broker.AllowPlaintext,
+		ClientID:       clientID,
+		Keepalive:      cfg.Broker.Keepalive,
+		CleanSession:   cfg.Broker.CleanSession,
+		BackoffBase:    cfg.Broker.BackoffBase,
+		BackoffMax:     cfg.Broker.BackoffMax,
+		StatusTopic:    "-",
+		Logger:         log,
+		ExplainError:   id.ExplainTLSError,
+	})
+	if err != nil {
+		return usageError{fmt.Errorf("collect: %w", err)}
+	}
+	connCtx, stopConn := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopConn()
+	if err := client.Start(connCtx); err != nil {
+		return fmt.Errorf("collect: %w", err)
+	}
+	log.Info("collector running", "brokers", cfg.Broker.URLs, "client_id", clientID,
+		"sessions", collector.DefaultSessionsFilter, "frames", framesFilter, "output", cfg.Seal.Output)
+	if err := run.Subscribe(ctx, client); err != nil {
+		stopConn()
+		return fmt.Errorf("collect: %w", err)
+	}
+	runErr := run.Run(ctx)
+	closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	if err := client.Close(closeCtx); err != nil && !errors.Is(err, transport.ErrClosed) {
+		log.Warn("broker disconnect", "err", err)
+	}
+	cancel()
+	if err := run.Flush(); err != nil && runErr == nil {
+		runErr = err
+	}
+	if err := printCollectStats(statsOut, run.Stats(), jsonStats); err != nil && runErr == nil {
+		runErr = err
+	}
+	return runErr
+}
+
+// printCollectStats prints the counters, one "name value" per line or as JSON.
+func printCollectStats(w io.Writer, s collector.Stats, asJSON bool) error {
+	if asJSON {
+		return json.NewEncoder(w).Encode(s)
+	}
+	rows := []struct {
+		name string
+		v    any
+	}{
+		{"opened", s.Opened}, {"readings", s.Readings}, {"gaps", s.Gaps},
+		{"replays_rejected", s.Replays}, {"too_old_rejected", s.TooOld}, {"forged_rejected", s.Forged},
+		{"wrong_device", s.WrongDevice}, {"malformed", s.Malformed},
+		{"unknown_session", s.Unknown}, {"held", s.Held}, {"expired", s.Expired},
+		{"announcements", s.Announcements}, {"bad_announcements", s.BadAnnouncements},
+		{"sessions", s.Sessions}, {"decode_errors", s.DecodeErrors}, {"write_errors", s.WriteErrors},
+	}
+	for _, r := range rows {
+		if _, err := fmt.Fprintf(w, "%-18s %v\n", r.name, r.v); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// loadCertPool reads PEM CA certificates (seal.fleet_ca).
+func loadCertPool(path string) (*x509.CertPool, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("seal.fleet_ca %s: %w", path, err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(b) {
+		return nil, fmt.Errorf("seal.fleet_ca %s: no PEM CERTIFICATE found (want the CA that issues device certificates)", path)
+	}
+	return pool, nil
+}
+
+// collectorKey returns the collector's own TLS key: broker.key_file (PEM; a
+// server-side collector may keep its key in a file) or the TPM key.
+func collectorKey(ctx context.Context, cfg *config.Config, log *slog.Logger) (crypto.Signer, func(), error) {
+	if cfg.Broker.KeyFile != "" {
+		s, err := handshakeSoftwareKey(cfg.Broker.KeyFile)
+		if err != nil {
+			return nil, nil, usageError{fmt.Errorf("collect: %w", err)}
+		}
+		log.Info("collector TLS key loaded from broker.key_file", "file", cfg.Broker.KeyFile)
+		return s, func() {}, nil
+	}
+	tp, err := tpmkeys.Open(ctx, cfg.TPM.Device)
+	if err != nil {
+		return nil, nil, fmt.Errorf("collect: tpm.device %s: %w (or set broker.key_file to use a key file)", cfg.TPM.Device, err)
+	}
+	k, err := tp.OpenKey(ctx, tpmkeys.KeySpec{Handle: uint32(cfg.TPM.KeyHandle), SRKHandle: uint32(cfg.TPM.SRKHandle), Type: cfg.TPM.KeyType})
+	if err != nil {
+		tp.Close()
+		return nil, nil, fmt.Errorf("collect: %w (create it with `tpmagent key create`, or set broker.key_file)", err)
+	}
+	return k, func() { tp.Close() }, nil
 }

@@ -1,0 +1,461 @@
+package agent_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tpmagent/tpmagent/agent"
+	"github.com/tpmagent/tpmagent/agent/batch"
+	"github.com/tpmagent/tpmagent/agent/reading"
+	"github.com/tpmagent/tpmagent/agent/source"
+	"github.com/tpmagent/tpmagent/agent/spool"
+	"github.com/tpmagent/tpmagent/collector"
+	"github.com/tpmagent/tpmagent/internal/testenv"
+	"github.com/tpmagent/tpmagent/tpmkeys"
+	"github.com/tpmagent/tpmagent/transport"
+	"github.com/tpmagent/tpmagent/transport/seal"
+)
+
+// sentinel is in every reading's unit and tags; no broker-side payload may
+// contain it.
+const sentinel = "SENTINEL-5e4c9d"
+
+// lockedBuffer is an io.Writer that tests can read while the runner writes.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// sealLab is a TLS mosquitto whose CA is also the fleet CA, a collector key
+// pair and a running collector with its own certificate.
+type sealLab struct {
+	pki    *testenv.PKI
+	broker *testenv.Mosquitto
+	priv   *seal.PrivateKey
+	out    lockedBuffer
+	logs   lockedBuffer
+	run    *collector.Runner
+}
+
+func newSealLab(t *testing.T, extra []string, colOpts seal.CollectorOptions) *sealLab {
+	t.Helper()
+	l := &sealLab{pki: testenv.NewPKI(t, "", "fleet CA")}
+	l.broker = testenv.StartMosquitto(t, testenv.MosquittoOptions{PKI: l.pki, Extra: extra})
+	var err error
+	if l.priv, err = seal.GenerateCollectorKey(seal.DefaultSuite); err != nil {
+		t.Fatal(err)
+	}
+	col, err := seal.NewCollector(l.priv, l.pki.Pool(), colOpts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(&l.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	l.run, err = collector.New(collector.Options{Collector: col, Output: &l.out, SweepEvery: 100 * time.Millisecond, Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, cert := l.pki.SoftClient(t, "collector")
+	signer := cert.PrivateKey.(crypto.Signer)
+	c := l.client(t, "collector", signer, filepath.Join(l.pki.Dir, "collector.pem"), func(o *transport.ClientOptions) {
+		o.StatusTopic = "-"
+		o.SubscriptionBuffer = 4096
+	})
+	if err := l.run.Subscribe(t.Context(), c); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.run.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("collector runner: %v", err)
+		}
+	})
+	return l
+}
+
+// client makes, starts and connects a transport client for cn with signer
+// and the certificate in certFile.
+func (l *sealLab) client(t *testing.T, cn string, signer crypto.Signer, certFile string, tweak func(*transport.ClientOptions)) *transport.Client {
+	t.Helper()
+	id, err := transport.NewTLSConfig(transport.TLSOptions{Signer: signer, CertFile: certFile, CAFile: l.pki.CAFile, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	o := transport.ClientOptions{
+		URLs:         []string{l.broker.URL()},
+		TLS:          id.Config(),
+		ClientID:     cn,
+		BackoffBase:  50 * time.Millisecond,
+		BackoffMax:   300 * time.Millisecond,
+		ExplainError: id.ExplainTLSError,
+		Logger:       slog.New(slog.DiscardHandler),
+	}
+	if tweak != nil {
+		tweak(&o)
+	}
+	c, err := transport.NewClient(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	if err := c.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cctx, ccancel := context.WithTimeout(context.Background(), 3*time.Second)
+		_ = c.Close(cctx)
+		ccancel()
+		cancel()
+	})
+	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
+	defer wcancel()
+	if err := c.WaitConnected(wctx); err != nil {
+		t.Fatalf("client %s: %v\n%s", cn, err, l.broker.LogText())
+	}
+	return c
+}
+
+// softDevice issues a certificate with CN id for a fresh software P-256 key.
+func (l *sealLab) softDevice(t *testing.T, pki *testenv.PKI, id string) (crypto.Signer, string, [][]byte) {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, chain := l.issue(t, pki, id, k.Public())
+	return k, path, chain
+}
+
+// issue writes a device certificate for pub and returns its path and chain.
+func (l *sealLab) issue(t *testing.T, pki *testenv.PKI, id string, pub crypto.PublicKey) (string, [][]byte) {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), id+".pem")
+	pki.IssueClient(t, id, pub, time.Now().Add(-time.Hour), time.Now().Add(24*time.Hour), path)
+	chain, err := agent.LoadCertChain(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return path, chain
+}
+
+// swtpmDevice creates the device key in a fresh swtpm and certifies it.
+func (l *sealLab) swtpmDevice(t *testing.T, id string) (*tpmkeys.Key, string, [][]byte) {
+	t.Helper()
+	sw := testenv.StartSwtpm(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	tp, err := tpmkeys.Open(ctx, sw.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tp.Close() })
+	if _, err := tp.CreateKey(ctx, tpmkeys.KeySpec{}, false); err != nil {
+		t.Fatal(err)
+	}
+	k, err := tp.OpenKey(ctx, tpmkeys.KeySpec{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	path, chain := l.issue(t, l.pki, id, k.Public())
+	return k, path, chain
+}
+
+// device is one agent: real spool, real transport client, the seal adapter.
+type device struct {
+	id      string
+	client  *transport.Client
+	sealing *agent.Sealing
+	spool   string
+}
+
+func (l *sealLab) device(t *testing.T, id string, signer crypto.Signer, certFile string, chain [][]byte) *device {
+	t.Helper()
+	g, err := agent.NewSealing(agent.SealingOptions{DeviceID: id, CollectorKey: l.priv.Public(), Signer: signer, Chain: chain})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &device{id: id, client: l.client(t, id, signer, certFile, nil), sealing: g, spool: t.TempDir()}
+}
+
+// run runs a pipeline over src until every reading is acknowledged by the
+// broker (or ctx ends).
+func (d *device) run(t *testing.T, ctx context.Context, src source.Source) {
+	t.Helper()
+	sp, err := spool.Open(d.spool, spool.Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := agent.New(agent.Options{
+		Topic:               "devices/" + d.id + "/telemetry",
+		QoS:                 1,
+		Batch:               batch.Options{Max: 16, Linger: 2 * time.Millisecond},
+		Sealer:              d.sealing,
+		Queue:               sp,
+		Publisher:           d.client,
+		DrainTimeout:        30 * time.Second,
+		StopWhenSourcesDone: true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Run(ctx, src); err != nil {
+		t.Fatalf("pipeline: %v", err)
+	}
+	if n := p.Counters().MessagesFailed.Load(); n > 0 {
+		t.Logf("pipeline: %d publishes failed and were resent", n)
+	}
+}
+
+// readings is a source of n readings with values from..from+n-1, each
+// carrying the sentinel, paced by every (0: as fast as the pipeline takes
+// them). pause, when set, is called before reading number at.
+type readings struct {
+	from, n int
+	every   time.Duration
+	at      int
+	pause   func()
+}
+
+func (*readings) Name() string { return "test-readings" }
+
+func (s *readings) Run(ctx context.Context, sink source.Sink) error {
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for i := s.from; i < s.from+s.n; i++ {
+		if s.pause != nil && i == s.at {
+			s.pause()
+		}
+		r := reading.Reading{
+			Name:  "temp",
+			Value: float64(i),
+			Unit:  sentinel,
+			Time:  time.Now(),
+			Tags:  map[string]string{"secret": sentinel},
+		}
+		wg.Add(1)
+		err := sink.Submit(ctx, r, func(err error) {
+			if err != nil {
+				mu.Lock()
+				if firstErr == nil {
+					firstErr = err
+				}
+				mu.Unlock()
+			}
+			wg.Done()
+		})
+		if err != nil {
+			wg.Done()
+			return err
+		}
+		if s.every > 0 {
+			time.Sleep(s.every)
+		}
+	}
+	wg.Wait()
+	return firstErr
+}
+
+// waitFor polls cond until it holds or the timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool, info func() string) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s: %s", what, info())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (l *sealLab) waitReadings(t *testing.T, n uint64) {
+	t.Helper()
+	waitFor(t, 60*time.Second, fmt.Sprintf("%d readings at the collector", n), func() bool {
+		return l.run.Stats().Readings >= n
+	}, func() string { return fmt.Sprintf("%+v\n%s", l.run.Stats(), tail(l.logs.String(), 2000)) })
+}
+
+// checkOutput parses the collector's output and checks that every value in
+// [0, n) was written exactly once, by device id, and nothing else.
+func (l *sealLab) checkOutput(t *testing.T, id string, n int) []collector.Line {
+	t.Helper()
+	var lines []collector.Line
+	seen := make([]int, n)
+	sc := bufio.NewScanner(strings.NewReader(l.out.String()))
+	for sc.Scan() {
+		line, r, err := collector.ParseLine(sc.Bytes())
+		if err != nil {
+			t.Fatalf("output line %q: %v", sc.Text(), err)
+		}
+		if r == nil {
+			t.Fatalf("output line without a reading: %s", sc.Text())
+		}
+		if line.Device != id || line.Topic != "devices/"+id+"/telemetry/sealed" || len(line.Session) != 12 {
+			t.Fatalf("output line %s: wrong device, topic or session", sc.Text())
+		}
+		if r.Name != "temp" || r.Unit != sentinel || r.Tags["secret"] != sentinel {
+			t.Fatalf("output line %s: reading altered: %+v", sc.Text(), r)
+		}
+		v := int(r.Value)
+		if v < 0 || v >= n || float64(v) != r.Value {
+			t.Fatalf("output line %s: value out of range", sc.Text())
+		}
+		seen[v]++
+		lines = append(lines, line)
+	}
+	var missing, dup []int
+	for v, c := range seen {
+		switch {
+		case c == 0:
+			missing = append(missing, v)
+		case c > 1:
+			dup = append(dup, v)
+		}
+	}
+	if len(missing) > 0 || len(dup) > 0 {
+		t.Fatalf("collector output not exactly once: %d lines for %d readings; missing %s, duplicated %s",
+			len(lines), n, head(missing), head(dup))
+	}
+	return lines
+}
+
+func head(v []int) string {
+	if len(v) > 10 {
+		return fmt.Sprint(v[:10], "...")
+	}
+	return fmt.Sprint(v)
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return "..." + s[len(s)-n:]
+	}
+	return s
+}
+
+// spy is a plain subscriber to everything under devices/: what the broker
+// (or anyone allowed to subscribe on it) sees.
+type spy struct {
+	mu   sync.Mutex
+	msgs []transport.Message
+}
+
+func (l *sealLab) spy(t *testing.T) *spy {
+	t.Helper()
+	_, _, cert := l.pki.SoftClient(t, "spy")
+	c := l.client(t, "spy", cert.PrivateKey.(crypto.Signer), filepath.Join(l.pki.Dir, "spy.pem"), func(o *transport.ClientOptions) {
+		o.StatusTopic = "-"
+		o.CleanSession = true
+		o.SubscriptionBuffer = 4096
+	})
+	s := &spy{}
+	if err := c.Subscribe(t.Context(), "devices/#", 1, func(m transport.Message) {
+		s.mu.Lock()
+		s.msgs = append(s.msgs, m)
+		s.mu.Unlock()
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func (s *spy) messages() []transport.Message {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]transport.Message(nil), s.msgs...)
+}
+
+// TestSealedEndToEndSwtpm: readings go through a pipeline (real spool,
+// mTLS client, seal adapter with the device key in swtpm) and mosquitto to
+// the collector. The broker-side view holds no plaintext; the collector
+// writes every reading exactly once; the TPM signed once for TLS and once
+// per session, never per frame.
+func TestSealedEndToEndSwtpm(t *testing.T) {
+	l := newSealLab(t, nil, seal.CollectorOptions{})
+	sp := l.spy(t)
+	key, certFile, chain := l.swtpmDevice(t, "dev-0001")
+	d := l.device(t, "dev-0001", key, certFile, chain)
+	const n = 2000
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	d.run(t, ctx, &readings{n: n})
+	l.waitReadings(t, n)
+	l.checkOutput(t, "dev-0001", n)
+
+	st := l.run.Stats()
+	frames := d.sealing.Frames()
+	if st.Opened != frames || st.Gaps != 0 || st.Rejected() != 0 || st.Announcements != 1 || st.Sessions != 1 || st.DecodeErrors != 0 {
+		t.Fatalf("collector stats %+v, device sealed %d frames in %d sessions", st, frames, d.sealing.Sessions())
+	}
+	if got, want := key.Signatures(), 1+d.sealing.Sessions(); got != want {
+		t.Fatalf("TPM signed %d times, want %d (one TLS handshake, one announcement)", got, want)
+	}
+
+	// What the broker saw: frames and one announcement, no plaintext.
+	waitFor(t, 10*time.Second, "the spy to see every frame", func() bool {
+		c := 0
+		for _, m := range sp.messages() {
+			if strings.HasSuffix(m.Topic, "/telemetry/sealed") {
+				c++
+			}
+		}
+		return uint64(c) >= frames
+	}, func() string { return fmt.Sprint(len(sp.messages()), " messages") })
+	var sawAnn bool
+	for _, m := range sp.messages() {
+		if bytes.Contains(m.Payload, []byte(sentinel)) || bytes.Contains(m.Payload, []byte(`"value"`)) {
+			t.Fatalf("broker-side payload on %s holds plaintext: %q", m.Topic, m.Payload)
+		}
+		if m.Topic == seal.SessionsTopic("dev-0001") {
+			if _, err := seal.ParseAnnouncement(m.Payload); err != nil {
+				t.Fatalf("announcement on %s: %v", m.Topic, err)
+			}
+			sawAnn = true
+		}
+		if strings.HasSuffix(m.Topic, "/telemetry/sealed") {
+			if _, err := seal.ParseFrame(m.Payload); err != nil {
+				t.Fatalf("frame on %s: %v", m.Topic, err)
+			}
+		}
+	}
+	if !sawAnn {
+		t.Fatal("the broker never saw the session announcement")
+	}
+	// The spool at rest: whatever segment files are left hold no plaintext.
+	_ = filepath.Walk(d.spool, func(path string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			if b, _ := os.ReadFile(path); bytes.Contains(b, []byte(sentinel)) {
+				t.Errorf("spool file %s holds plaintext", path)
+			}
+		}
+		return nil
+	})
+	t.Logf("%d readings in %d frames, 1 session; collector %+v", n, frames, st)
+}
