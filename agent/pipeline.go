@@ -12,6 +12,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/batch"
 	"github.com/tpmagent/tpmagent/agent/reading"
 	"github.com/tpmagent/tpmagent/agent/source"
+	"github.com/tpmagent/tpmagent/agent/spool"
 	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/transport"
 )
@@ -132,7 +133,7 @@ func New(opts Options) (*Pipeline, error) {
 		q:       opts.Queue,
 		pub:     opts.Publisher,
 		in:      make(chan batch.Item, opts.IngestQueue),
-		appendQ: make(chan appendJob, 64),
+		appendQ: make(chan appendJob, 1024),
 		ackWake: make(chan struct{}, 1),
 	}
 	p.failedGen.Store(-1)
@@ -322,14 +323,35 @@ func finish(items []batch.Item, err error) {
 	}
 }
 
-// appendLoop writes queued batches to the spool, many per Append (group
-// commit), and answers their readings.
+// asyncAppender is implemented by agent/spool: the records get their seqs
+// at once and become durable later, so the next group can be written while
+// the previous one is being fsynced.
+type asyncAppender interface {
+	AppendAsync(ctx context.Context, data ...[]byte) (spool.Pending, error)
+}
+
+type appended struct {
+	pending spool.Pending
+	err     error
+	jobs    []appendJob
+	records int
+}
+
+// appendLoop writes queued batches to the spool, many per call (group
+// commit), and hands them to waitLoop, which answers their readings once
+// they are durable.
 func (p *Pipeline) appendLoop(ctx context.Context) {
-	const maxGroup = 256
+	const maxGroup = 1024
+	waits := make(chan appended, 64)
+	waitDone := make(chan struct{})
+	go func() {
+		defer close(waitDone)
+		p.waitLoop(ctx, waits)
+	}()
+	async, _ := p.q.(asyncAppender)
 	var data [][]byte
-	var jobs []appendJob
 	for job := range p.appendQ {
-		jobs = append(jobs[:0], job)
+		jobs := []appendJob{job}
 	more:
 		for len(jobs) < maxGroup {
 			select {
@@ -346,19 +368,35 @@ func (p *Pipeline) appendLoop(ctx context.Context) {
 		for _, j := range jobs {
 			data = append(data, j.msgs...)
 		}
-		_, err := p.q.Append(ctx, data...)
+		a := appended{jobs: jobs, records: len(data)}
+		if async != nil {
+			a.pending, a.err = async.AppendAsync(ctx, data...)
+		} else {
+			_, a.err = p.q.Append(ctx, data...)
+		}
+		clear(data)
+		waits <- a
+	}
+	close(waits)
+	<-waitDone
+}
+
+func (p *Pipeline) waitLoop(ctx context.Context, waits <-chan appended) {
+	for a := range waits {
+		err := a.err
+		if err == nil {
+			err = a.pending.Wait(ctx)
+		}
 		if err != nil {
 			err = fmt.Errorf("agent: spool append: %w", err)
 			p.c.SetError(err)
-			p.log.Error("telemetry not spooled", "records", len(data), "err", err)
+			p.log.Error("telemetry not spooled", "records", a.records, "err", err)
 		} else {
-			p.c.Batches.Add(uint64(len(jobs)))
+			p.c.Batches.Add(uint64(len(a.jobs)))
 		}
-		for _, j := range jobs {
+		for _, j := range a.jobs {
 			finish(j.items, err)
 		}
-		clear(jobs)
-		clear(data)
 	}
 }
 
