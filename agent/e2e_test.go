@@ -196,7 +196,7 @@ func TestEndToEndMosquitto(t *testing.T) {
 		batch    int
 	}{
 		{"100k-qos1", 0, 1},
-{"100k-qos1-broker-killed-twice", 2, 1},
+		{"100k-qos1-broker-killed-twice", 2, 1},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
