@@ -35,6 +35,7 @@ The --tpm.* flags override the configuration for one command.`,
 	pf.String("tpm.srk_handle", "", "persistent handle of the SRK, hex (default from config, 0x81000002)")
 	pf.String("tpm.key_type", "", "key type for create: ecc-p256 or rsa-2048 (default from config, ecc-p256)")
 	cmd.AddCommand(a.newKeyCreateCmd(), a.newKeyShowCmd(), a.newKeyCSRCmd())
+	cmd.AddCommand(a.newKeyAttestCmd())
 	return cmd
 }
 

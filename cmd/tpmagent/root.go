@@ -92,6 +92,8 @@ TPMAGENT_* environment variables (TPMAGENT_TPM_DEVICE for tpm.device), flags.`,
 		a.newCollectCmd(),
 		a.newFirmwareCmd(),
 		a.newGenDocsCmd(),
+		a.newFleetCmd(),
+		a.newCertCmd(),
 	)
 	return root
 }
