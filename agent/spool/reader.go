@@ -44,6 +44,8 @@ func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
 	}
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
+	var out []Record
+	outBytes := 0
 	for {
 		s.mu.Lock()
 		if s.closed {
@@ -68,13 +70,16 @@ func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
 		s.mu.Unlock()
 
 		if seg != nil && s.rd.off < limit {
-			recs, err := s.readRecords(limit, max)
+			recs, err := s.readRecords(limit, max-len(out))
 			if err != nil {
 				return nil, err
 			}
-			recs = s.filterAcked(recs)
-			if len(recs) > 0 {
-				return recs, nil
+			for _, r := range s.filterAcked(recs) {
+				out = append(out, r)
+				outBytes += len(r.Data)
+			}
+			if len(out) >= max || outBytes >= maxNextBytes {
+				return out, nil
 			}
 			continue
 		}
@@ -85,6 +90,9 @@ func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
 			s.positionLocked()
 			s.mu.Unlock()
 			continue
+		}
+		if len(out) > 0 {
+			return out, nil
 		}
 		if err := s.waitCtx(ctx, wait); err != nil {
 			return nil, err

@@ -96,6 +96,9 @@ func scanSegment(f *os.File, size int64, prev uint64) (scanResult, error) {
 	var payload []byte
 	for off < size {
 		ok, err := func() (bool, error) {
+			if size-off < recordHeaderSize {
+				return false, nil // a header cut short: torn tail
+			}
 			if _, err := io.ReadFull(br, hb[:]); err != nil {
 				return false, readErr(err)
 			}
