@@ -1,8 +1,57 @@
 package main
 
-import "github.com/spf13/cobra"
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
 
-// Stub: replaced wholesale by the work that implements this command.
+	"github.com/spf13/cobra"
+
+	"github.com/tpmagent/tpmagent/agent/status"
+)
+
+// newStatusCmd: tpmagent status [--json], the live counters of the running
+// agent read from status.socket.
 func (a *app) newStatusCmd() *cobra.Command {
-	return &cobra.Command{Use: "status", Short: "Live counters from the running agent (not in this build yet)", RunE: a.notYet("status")}
+	cmd := &cobra.Command{
+		Use:   "status",
+		Short: "Live counters from the running agent (status.socket)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := a.loadConfig(cmd)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
+			defer cancel()
+			s, err := status.Fetch(ctx, cfg.Status.Socket)
+			if err != nil {
+				return err
+			}
+			if a.jsonOut {
+				enc := json.NewEncoder(a.stdout)
+				enc.SetIndent("", "  ")
+				return enc.Encode(s)
+			}
+			broker := s.Broker
+			if broker == "" {
+				broker = "(not connected)"
+			}
+			w := a.stdout
+			fmt.Fprintf(w, "broker:             %s\n", broker)
+			fmt.Fprintf(w, "uptime:             %s\n", (time.Duration(s.UptimeSeconds) * time.Second).String())
+			fmt.Fprintf(w, "readings in:        %d (rejected %d)\n", s.ReadingsIn, s.ReadingsRejected)
+			fmt.Fprintf(w, "messages:           published %d, acked %d, failed %d (%d bytes)\n", s.MessagesPublished, s.MessagesAcked, s.MessagesFailed, s.BytesPublished)
+			fmt.Fprintf(w, "spool:              %d records, %d bytes, %d dropped\n", s.Spool.Records, s.Spool.Bytes, s.Spool.Dropped)
+			fmt.Fprintf(w, "reconnects:         %d\n", s.Reconnects)
+			fmt.Fprintf(w, "tpm signatures:     %d\n", s.TPMSignatures)
+			if s.LastError != "" {
+				fmt.Fprintf(w, "last error:         %s (%s)\n", s.LastError, s.LastErrorTime.Format(time.RFC3339))
+			}
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&a.jsonOut, "json", false, "print the snapshot as JSON")
+	return cmd
 }
