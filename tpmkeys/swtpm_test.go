@@ -252,3 +252,33 @@ func TestSwtpmRestart(t *testing.T) {
 		t.Fatalf("Signatures() = %d, SessionStarts() = %d; want 2, 2", k.Signatures(), k.SessionStarts())
 	}
 }
+
+// TestSwtpmBusy opens a second connection while the first holds swtpm (it serves one client
+// at a time): Open gives up when ctx ends, with an error that says why.
+func TestSwtpmBusy(t *testing.T) {
+	s := testenv.StartSwtpm(t)
+	first := openSwtpm(t, s)
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	second, err := tpmkeys.Open(ctx, s.URL())
+	if err == nil {
+		second.Close()
+		t.Fatal("second Open succeeded while the first connection holds swtpm")
+	}
+	if !strings.Contains(err.Error(), s.Addr()) || !strings.Contains(err.Error(), "one client at a time") {
+		t.Fatalf("error = %v", err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("Open took %v", el)
+	}
+	// The first connection still works; once it is closed the next Open succeeds.
+	if _, err := first.EnsureSRK(context.Background(), tpmkeys.DefaultSRKHandle); err != nil {
+		t.Fatal(err)
+	}
+	first.Close()
+	third := openSwtpm(t, s)
+	if _, err := third.EnsureSRK(context.Background(), tpmkeys.DefaultSRKHandle); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -57,6 +57,7 @@ func Open(ctx context.Context, device string) (*TPM, error) {
 		return nil, err
 	}
 	var base transport.TPM
+	var swtpm *swtpmTransport
 	switch d.Kind {
 	case DeviceSimulator:
 		return nil, fmt.Errorf("tpmkeys: open %q: the in-process simulator exists only in test builds; "+
@@ -76,15 +77,42 @@ func Open(ctx context.Context, device string) (*TPM, error) {
 				"--tpmstate dir=/var/lib/swtpm --flags not-need-init,startup-clear`",
 				device, d.CommandAddr, d.PlatformAddr, err, portOf(d.CommandAddr), portOf(d.PlatformAddr))
 		}
-		base = st
+		base, swtpm = st, st
 	}
 	t := newTPM(device, base)
-	if err := t.ping(ctx); err != nil {
+	if swtpm == nil {
+		if err := t.ping(ctx); err != nil {
+			t.Close()
+			return nil, fmt.Errorf("tpmkeys: open %s: the TPM does not answer: %w", device, err)
+		}
+		return t, nil
+	}
+	// swtpm serves one connection at a time: while another client holds it, our connection
+	// is accepted but no command is answered. Do not wait forever for the first answer.
+	conn := swtpm.conn
+	done := make(chan error, 1)
+	go func() { done <- t.ping(context.Background()) }()
+	timer := time.NewTimer(swtpmOpenTimeout)
+	defer timer.Stop()
+	select {
+	case err = <-done:
+	case <-timer.C:
+		err = fmt.Errorf("no answer within %v", swtpmOpenTimeout)
+	case <-ctx.Done():
+		err = ctx.Err()
+	}
+	if err != nil {
+		_ = conn.Close() // unblocks a ping stuck in Read
+		<-done
 		t.Close()
-		return nil, fmt.Errorf("tpmkeys: open %s: the TPM does not answer: %w", device, err)
+		return nil, fmt.Errorf("tpmkeys: open %s: swtpm at %s accepted the connection but does not answer (%w): "+
+			"swtpm serves one client at a time, so stop the other client (a running tpmagent, tpm2-tools)", device, d.CommandAddr, err)
 	}
 	return t, nil
 }
+
+// swtpmOpenTimeout bounds the wait for swtpm's first answer in Open.
+const swtpmOpenTimeout = 10 * time.Second
 
 // OpenTransport wraps an already open go-tpm transport (for tests: go-tpm's
 // transport/simulator). The TPM must be started (TPM2_Startup done). If tpm implements
