@@ -10,6 +10,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/google/go-tpm/tpm2/transport"
 	"github.com/google/go-tpm/tpm2/transport/linuxtpm"
@@ -113,6 +114,9 @@ func openLinux(path string) (transport.TPMCloser, error) {
 	case errors.Is(err, fs.ErrPermission):
 		return nil, fmt.Errorf("tpmkeys: open %s: permission denied: run as root or add the user to group tss "+
 			"(usermod -aG tss USER) and check the permissions of %s: %w", path, path, err)
+	case errors.Is(err, syscall.EBUSY):
+		return nil, fmt.Errorf("tpmkeys: open %s: busy: another process holds it (%s allows one user); "+
+			"use /dev/tpmrm0, the kernel's resource manager, or stop the other user (tpm2-abrmd?): %w", path, path, err)
 	default:
 		if fi, serr := os.Stat(path); serr == nil && fi.Mode()&os.ModeDevice == 0 {
 			return nil, fmt.Errorf("tpmkeys: open %s: not a character device: %w", path, err)
