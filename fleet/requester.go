@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -152,7 +153,14 @@ func NewMQTTRequester(ctx context.Context, o MQTTRequesterOptions) (*MQTTRequest
 	if err := waitToken(ctx, r.client.Connect(), o.Timeout); err != nil {
 		return nil, fmt.Errorf("fleet: connect to %s as %s: %w", o.BrokerURL, o.DeviceID, err)
 	}
-	if err := waitToken(ctx, r.client.Subscribe(ResponseTopic(o.DeviceID), 1, r.onMessage), o.Timeout); err != nil {
+	st := r.client.Subscribe(ResponseTopic(o.DeviceID), 1, r.onMessage)
+	err := waitToken(ctx, st, o.Timeout)
+	if err == nil {
+		if res, ok := st.(*mqtt.SubscribeToken); ok && res.Result()[ResponseTopic(o.DeviceID)] == 0x80 {
+			err = errors.New("the broker refused the subscription: its ACL does not give this identity that device's topics")
+		}
+	}
+	if err != nil {
 		r.client.Disconnect(0)
 		return nil, fmt.Errorf("fleet: subscribe %s: %w", ResponseTopic(o.DeviceID), err)
 	}
@@ -207,7 +215,8 @@ func (r *MQTTRequester) roundTrip(ctx context.Context, m Message) (Message, erro
 	select {
 	case reply := <-ch:
 		if reply.Type == MsgError {
-			return reply, &Refusal{DeviceID: r.deviceID, Reason: reply.Reason, Detail: "CA answered: " + reply.Error}
+			detail := strings.TrimPrefix(reply.Error, fmt.Sprintf("fleet: refused device %q: %s: ", r.deviceID, reply.Reason))
+			return reply, &Refusal{DeviceID: r.deviceID, Reason: reply.Reason, Detail: "the CA service answered: " + detail}
 		}
 		return reply, nil
 	case <-ctx.Done():
