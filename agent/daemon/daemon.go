@@ -115,7 +115,7 @@ func Run(ctx context.Context, opts Options) error {
 			return err
 		}
 	}
-	return d.runPipeline(ctx)
+	return d.runFirmware(ctx, d.runPipeline)
 }
 
 // openIdentity opens the TPM and loads the device key.
