@@ -574,4 +574,3 @@ func readNVCounter(ctx context.Context, cfg *config.Config) (uint64, error) {
 	}
 	return c.Read(ctx)
 }
-
