@@ -16,7 +16,7 @@ func setup(t *testing.T) (*testenv.PKI, *testenv.Mosquitto, testenv.MosquittoOpt
 	t.Helper()
 	pki := testenv.NewPKI(t, "", "lab-ca")
 	br, bopts := chaosBroker(t, pki)
-	d := testdevice.New(t, testdevice.Options{PKI: pki, Broker: br})
+	d := newDevice(t, pki, br)
 	tr := newTracker()
 	subscriber(t, pki, br, "devices/"+d.ID+"/telemetry", tr)
 	return pki, br, bopts, d, tr
@@ -85,4 +85,9 @@ func TestScenario2AgentKilled(t *testing.T) {
 	if snap, err := a.snap(); err == nil && (snap.Spool.CorruptSkips != 0) {
 		t.Errorf("spool skipped %d corrupt records after kill -9 (torn-tail repairs %d)", snap.Spool.CorruptSkips, snap.Spool.TornTailRepairs)
 	}
+}
+
+// newDevice makes the device: swtpm with the key, certificate, config.
+func newDevice(t *testing.T, pki *testenv.PKI, br *testenv.Mosquitto) *testdevice.Device {
+	return testdevice.New(t, testdevice.Options{PKI: pki, Broker: br})
 }
