@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/transport/seal"
 )
 
@@ -76,6 +77,38 @@ func NewSealing(o SealingOptions) (*Sealing, error) {
 		return nil, fmt.Errorf("agent: sealed telemetry: %w", err)
 	}
 	return WrapSealer(o.DeviceID, s), nil
+}
+
+// NewSealingFromConfig builds the sealer from the seal.* settings: the
+// collector public key file (seal.collector_key), seal.suite,
+// seal.rekey_messages and seal.rekey_after, with signer as the device key and
+// certFile (broker.cert_file) as its certificate chain. Errors name the
+// setting at fault; a bad seal.suite is a *config.FieldError.
+func NewSealingFromConfig(deviceID string, sc config.Seal, signer crypto.Signer, certFile string) (*Sealing, error) {
+	suite, err := seal.ParseSuite(sc.Suite)
+	if err != nil {
+		return nil, &config.FieldError{Field: "seal.suite", Value: sc.Suite, Msg: "is not a suite: use x25519-aes128gcm, x25519-chacha20poly1305, mlkem768x25519-aes128gcm or mlkem768x25519-chacha20poly1305"}
+	}
+	if sc.CollectorKey == "" {
+		return nil, &config.FieldError{Field: "seal.collector_key", Msg: "is empty: point it at the collector's public key (collector.key.pub from `tpmagent collector keygen`)"}
+	}
+	pub, err := seal.LoadPublicKey(sc.CollectorKey)
+	if err != nil {
+		return nil, fmt.Errorf("agent: seal.collector_key: %w", err)
+	}
+	chain, err := LoadCertChain(certFile)
+	if err != nil {
+		return nil, err
+	}
+	return NewSealing(SealingOptions{
+		DeviceID:      deviceID,
+		CollectorKey:  pub,
+		Signer:        signer,
+		Chain:         chain,
+		Suite:         suite,
+		RekeyMessages: sc.RekeyMessages,
+		RekeyAfter:    sc.RekeyAfter,
+	})
 }
 
 // WrapSealer adapts an existing seal.Sealer made for deviceID.
