@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/tpmagent/tpmagent/agent"
-	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/agent/batch"
+	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/agent/reading"
 	"github.com/tpmagent/tpmagent/internal/testenv"
 	"github.com/tpmagent/tpmagent/transport/seal"
