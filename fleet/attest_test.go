@@ -188,7 +188,7 @@ func TestAttestSoftwareKeyLoadedIntoTPM(t *testing.T) {
 	sens := tpm2.TPMTSensitive{
 		SensitiveType: tpm2.TPMAlgECC,
 		Sensitive: tpm2.NewTPMUSensitiveComposite(tpm2.TPMAlgECC,
-			&tpm2.TPM2BECCParameter{Buffer: soft.D.FillBytes(make([]byte, 32))}),
+			&tpm2.TPM2BECCParameter{Buffer: mustBytes(t, soft)}),
 	}
 	le, err := tpm2.LoadExternal{InPrivate: tpm2.New2B(sens), InPublic: tpm2.New2B(pubArea), Hierarchy: tpm2.TPMRHNull}.Execute(raw)
 	if err != nil {
@@ -201,9 +201,8 @@ func TestAttestSoftwareKeyLoadedIntoTPM(t *testing.T) {
 	}
 	defer tpm2.FlushContext{FlushHandle: ak.ObjectHandle}.Execute(raw)
 
-	csr := softCSR(t, "dev-soft")
-	// Re-sign a CSR with the software key so the CSR's key is the certified one.
-	csr, err = x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-soft"}}, soft)
+	// A CSR signed by the software key, so the CSR's key is the certified one.
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-soft"}}, soft)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,4 +346,13 @@ func TestRenewAt(t *testing.T) {
 			t.Fatalf("RenewAt = %v", at.Sub(nb))
 		}
 	}
+}
+
+func mustBytes(t *testing.T, k *ecdsa.PrivateKey) []byte {
+	t.Helper()
+	b, err := k.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

@@ -17,6 +17,25 @@
 // the interface).
 //
 // Service runs the same exchange over MQTT request/response topics
-// ($fleet/certificates/<id>/request → …/response), and Enrol/Renew drive it from the device
+// ($fleet/certificates/<id>/request → …/response), and Enrol/PrepareRenewal drive it from the device
 // side through a CertRequester. RenewAt says when a certificate should be renewed.
+//
+// Enrolment flows (all make the same checks; only the transport of the messages differs):
+//
+//   - offline: the device writes a bundle (`tpmagent key attest -o bundle.json`), the CA
+//     verifies it and writes a challenge plus a pending record (`fleet ca challenge`), the
+//     device answers (`key attest --challenge`), the CA checks the answer against the pending
+//     record, deletes it (a challenge is good once) and issues (`fleet ca issue`);
+//   - lab: `fleet ca sign` drives both sides in one process when the TPM is reachable from
+//     the CA (swtpm at provisioning time; scripts/provision-fleet.sh uses it);
+//   - online: Service on $fleet/certificates/<id>/request answers a Message{type: attest}
+//     with a challenge and a Message{type: activate} with the certificate (or type error
+//     with the Refusal reason). The device needs an identity the broker accepts: its current
+//     certificate (renewal) or a bootstrap certificate; the broker's ACL gives each device
+//     only its own request/response topics and the CA service (user fleet-ca) all of them.
+//
+// Renewal (PrepareRenewal): a new key at enrol.renew_handle goes through the online flow;
+// the caller proves the new pair with a handshake, switches, then evicts the old key
+// (tpmkeys.TPM.EvictKey). A failure evicts the new key and leaves the current identity as
+// it was.
 package fleet

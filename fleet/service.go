@@ -176,7 +176,8 @@ type ServeOptions struct {
 	TLS *tls.Config
 	// ClientID defaults to "fleet-ca".
 	ClientID string
-	// Ready, when set, is closed once the service has subscribed.
+	// Ready, when set, receives a value (without blocking: make it buffered) each time the
+	// service has (re)subscribed to the request topics.
 	Ready chan<- struct{}
 }
 

@@ -12,8 +12,8 @@ import (
 	"github.com/google/go-tpm/tpm2/transport"
 )
 
-// Key attestation (device side). The flow and the wire format are described in
-// docs/ENROLMENT.md; in short:
+// Key attestation (device side). The flow is described here and, from the CA side, in the
+// fleet package documentation; in short:
 //
 //  1. Attest: the device reads its EK certificate from NV, derives the EK (TCG default
 //     template, so its public key is the one in the certificate), derives an attestation key

@@ -34,7 +34,7 @@ to the CSR), and a CSR for CN=--cn (default device_id) signed inside the TPM.
 
 With --challenge FILE it answers the CA's credential activation challenge
 (TPM2_ActivateCredential with the EK) and writes the response for
-` + "`tpmagent fleet ca issue`" + `. See docs/ENROLMENT.md for the whole flow.`,
+` + "`tpmagent fleet ca issue`" + `. ` + "`tpmagent fleet ca --help`" + ` shows the whole flow.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if out == "" {
