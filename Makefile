@@ -64,3 +64,11 @@ check-unit:
 
 test-arm:
 	bash scripts/test-arm.sh
+
+# Reliability suite (issue 9): scenarios against real mosquitto and swtpm
+# (broker/agent killed, netns loss/latency/link down, TPM gone, certificates,
+# full spool, 10,000 reconnects); prints one markdown table. Root only.
+# CHAOS_SHORT=1 make chaos runs the short version (CI).
+.PHONY: chaos
+chaos:
+	bash scripts/chaos.sh
