@@ -279,6 +279,25 @@ func TestActivationReplayFromAnotherTPM(t *testing.T) {
 	}
 	t.Logf("refused: %v", err)
 
+	// With EK pinning, TPM B cannot ask for dev-a's identity even with a genuine bundle.
+	pins := map[string]string{}
+	svc.OnIssue = func(v *Verified, _ *x509.Certificate) { pins[v.DeviceID] = v.EKFingerprint }
+	svc.PinnedEK = func(id string) (string, bool) { p, ok := pins[id]; return p, ok }
+	vA, err := Verify(bundleA, svc.Manufacturers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pins["dev-a"] = vA.EKFingerprint
+	bAsA, err := b.tpm.Attest(ctx, b.key, "dev-a", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := svc.Submit("dev-a", bAsA); ReasonOf(err) != ReasonEKMismatch || !strings.Contains(err.Error(), "enrolled with the TPM") {
+		t.Fatalf("TPM B asking for dev-a with pinning: %v", err)
+	} else {
+		t.Logf("refused: %v", err)
+	}
+
 	// A's challenge was consumed by the failed attempt; A attests again and succeeds once.
 	chA2, err := svc.Submit("dev-a", bundleA)
 	if err != nil {

@@ -62,6 +62,10 @@ type Service struct {
 	Logger        *slog.Logger
 	// OnIssue, when set, is called after each issued certificate (inventory, metrics).
 	OnIssue func(v *Verified, cert *x509.Certificate)
+	// PinnedEK, when set, returns the EK fingerprint (Verified.EKFingerprint) a device id
+	// was first enrolled with; a request for that id from another TPM is refused, so a
+	// genuine TPM cannot take over another device's identity (e.g. at renewal).
+	PinnedEK func(deviceID string) (ekFingerprint string, ok bool)
 
 	mu      sync.Mutex
 	pending map[string]pendingEntry
@@ -89,6 +93,12 @@ func (s *Service) Submit(topicID string, b *tpmkeys.AttestationBundle) (*tpmkeys
 	v, err := Verify(b, s.Manufacturers)
 	if err != nil {
 		return nil, err
+	}
+	if s.PinnedEK != nil {
+		if pin, ok := s.PinnedEK(v.DeviceID); ok && pin != v.EKFingerprint {
+			return nil, refuse(v.DeviceID, ReasonEKMismatch, "the device was enrolled with the TPM whose EK is sha256:%s, "+
+				"this request comes from EK sha256:%s", pin, v.EKFingerprint)
+		}
 	}
 	ch, p, err := NewChallenge(v, s.ChallengeTTL, s.CA.now())
 	if err != nil {

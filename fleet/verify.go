@@ -77,6 +77,9 @@ type Verified struct {
 	AKName   []byte
 	// KeyFingerprint is the SHA-256 of the device key's DER SubjectPublicKeyInfo (hex).
 	KeyFingerprint string
+	// EKFingerprint is the SHA-256 of the EK's DER SubjectPublicKeyInfo (hex): the TPM's
+	// identity, stable across keys and certificates.
+	EKFingerprint string
 	// BundleDigest is SHA-256 over the bundle's fields; a challenge is tied to it.
 	BundleDigest [32]byte
 }
@@ -128,6 +131,10 @@ func Verify(b *tpmkeys.AttestationBundle, trustedManufacturers *x509.CertPool) (
 			"manufacturer CA: %v", ekCert.Issuer.String(), ekCert.SerialNumber, err)
 	}
 	v.EKCert = ekCert
+	if spki, err := x509.MarshalPKIXPublicKey(ekCert.PublicKey); err == nil {
+		sum := sha256.Sum256(spki)
+		v.EKFingerprint = hex.EncodeToString(sum[:])
+	}
 
 	// 2. The EK public area is that certified key and an EK (restricted decryption, fixedTPM).
 	ekPub, err := tpm2.Unmarshal[tpm2.TPMTPublic](b.EKPublic)
