@@ -72,3 +72,11 @@ test-arm:
 .PHONY: chaos
 chaos:
 	bash scripts/chaos.sh
+
+# Firmware updates (issue 6): tpmagent updates itself from a signed release
+# over MQTT (A/B slots, a launcher loop standing in for systemd), commits after
+# its health check and advances the TPM NV counter; then a release built to
+# fail its health check is rolled back. Files under .demo/ota.
+.PHONY: demo-ota
+demo-ota:
+	bash scripts/demo-ota.sh
