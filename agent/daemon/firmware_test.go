@@ -11,6 +11,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -653,4 +656,67 @@ func runChildDaemon(cfgFile string) {
 	err = Run(context.Background(), Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 	fmt.Fprintln(os.Stderr, "child agent stopped before it was killed:", err)
 	os.Exit(3)
+}
+
+// TestFirmwareHTTPSSourceWithTPMIdentity: a release whose only source is an https:// URL is
+// fetched with HTTP Range requests over mutual TLS, the client certificate being the
+// device's (its key in swtpm): the server requires and verifies it.
+func TestFirmwareHTTPSSourceWithTPMIdentity(t *testing.T) {
+	rel := newFWRelease(t, t.TempDir())
+	d := fwDevice(t, rel)
+	b := newBackend(t, d)
+
+	certFile, keyFile := d.PKI.IssueServer(t, "fw-server", nil, []net.IP{net.IPv4(127, 0, 0, 1)}, time.Now().Add(time.Hour))
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var (
+		mu      sync.Mutex
+		clients []string
+		ranges  []string
+	)
+	var image []byte
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		clients = append(clients, r.TLS.PeerCertificates[0].Subject.CommonName)
+		ranges = append(ranges, r.Header.Get("Range"))
+		mu.Unlock()
+		http.ServeContent(w, r, "image", time.Time{}, bytes.NewReader(image))
+	}))
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: d.PKI.Pool(), MinVersion: tls.VersionTLS13}
+	srv.StartTLS()
+	defer srv.Close()
+
+	img := make([]byte, 200<<10)
+	rand.Read(img)
+	image = img
+	p := filepath.Join(t.TempDir(), "image")
+	os.WriteFile(p, img, 0o644)
+	m, err := firmware.BuildManifest(p, "tpmagent", "2.2.0", 1, []string{testHardware}, 64<<10, []string{srv.URL + "/tpmagent/2.2.0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	job, err := firmware.Sign(m, rel.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	agent := startAgent(t, d, nil)
+	from := b.count()
+	b.publishJob(job)
+	if err := agent.exit(t, 60*time.Second); !errors.Is(err, ErrRestart) {
+		t.Fatalf("run returned %v, want ErrRestart; statuses %+v", err, b.since(from))
+	}
+	slotB, _ := os.ReadFile(d.Config.Firmware.Slots.B)
+	if !bytes.Equal(slotB, img) {
+		t.Fatal("slot b does not hold the image fetched over HTTPS")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(clients) == 0 || clients[0] != d.ID {
+		t.Fatalf("HTTPS clients %v, want the device certificate CN %s", clients, d.ID)
+	}
+	if ranges[0] != fmt.Sprintf("bytes=0-%d", len(img)-1) {
+		t.Fatalf("ranges %v", ranges)
+	}
 }
