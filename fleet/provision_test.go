@@ -243,3 +243,12 @@ func TestProvisionFleet(t *testing.T) {
 	}
 	t.Logf("%s's publish into devices/%s/# was denied by the broker's ACL; %s saw only its own messages", a.id, b.id, b.id)
 }
+
+// TestMain removes the tpmagent binary built for the CLI tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildOnce.path != "" {
+		os.RemoveAll(filepath.Dir(buildOnce.path))
+	}
+	os.Exit(code)
+}
