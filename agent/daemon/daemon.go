@@ -73,6 +73,7 @@ type daemon struct {
 	client   *transport.Client
 	pipeline *agent.Pipeline
 	firmware firmwareState
+	renewal  renewalState
 
 	// watchdog state: the acked count and when it last moved.
 	lastAcked    uint64
@@ -108,6 +109,7 @@ func Run(ctx context.Context, opts Options) error {
 		{"open spool", d.openSpool},
 		{"connect", d.connect},
 		{"start firmware updates", d.startFirmware},
+		{"start certificate renewal", d.startRenewal},
 	}
 	for _, s := range steps {
 		if err := s.fn(ctx); err != nil {
