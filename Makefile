@@ -80,3 +80,10 @@ chaos:
 .PHONY: demo-ota
 demo-ota:
 	bash scripts/demo-ota.sh
+
+# Fleet (issue 8): provision N emulated devices, start N agents each with its
+# own swtpm, all publish QoS1 to one mosquitto; a subscriber counts.
+.PHONY: fleet-test
+N ?= 100
+fleet-test: build
+	N=$(N) bash scripts/fleet-test.sh
