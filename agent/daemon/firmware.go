@@ -279,8 +279,12 @@ func (d *daemon) firmwareHealthy(ctx context.Context) error {
 }
 
 // reportFirmware publishes a status message, retained, QoS 1, on the device's status topic
-// and waits (bounded) for the broker's acknowledgement.
+// and waits (bounded) for the broker's acknowledgement. Download progress is skipped while
+// no broker connection is up, so that an HTTPS download does not wait on the broker.
 func (d *daemon) reportFirmware(ctx context.Context, s firmware.Status) error {
+	if s.State == firmware.StateDownloading && !d.client.Connected() {
+		return nil
+	}
 	payload, err := json.Marshal(s)
 	if err != nil {
 		return err
