@@ -52,9 +52,9 @@ func TestScenario6SpoolFull(t *testing.T) {
 			break
 		}
 	}
-	snap, _ := a.snap()
+	snap, serr := a.snap()
 	out, _ := exec.Command("df", "-k", dir).CombinedOutput()
-	t.Logf("spool full=%v: %d records, %d bytes, dropped %d, last_error=%q\n%s", full, snap.Spool.Records, snap.Spool.Bytes, snap.Spool.Dropped, snap.LastError, out)
+	t.Logf("spool full=%v: %d records, %d bytes, dropped %d, last_error=%q (status: %v)\n%s", full, snap.Spool.Records, snap.Spool.Bytes, snap.Spool.Dropped, snap.LastError, serr, out)
 	if !full {
 		t.Fatalf("the spool never filled the %s tmpfs", size)
 	}
