@@ -70,9 +70,10 @@ func FileSlots(cfg *config.Config) *firmware.FileSlots {
 
 // startFirmware starts over-the-air updates when firmware.enabled is set: it builds the
 // updater (TPM NV anti-rollback counter, trust store, installer, MQTT and HTTPS sources),
-// subscribes to chunk responses, and starts one worker goroutine that runs the health check
-// of a just-installed slot (OnStart), resumes an interrupted download, then subscribes to the
-// job topic and handles jobs one at a time, keeping only the latest while busy.
+// and subscribes to chunk responses. runFirmware then starts the worker goroutine: it runs the
+// health check of a just-installed slot (OnStart), resumes an interrupted download, then
+// subscribes to the job topic and handles jobs one at a time, keeping only the latest while
+// busy.
 func (d *daemon) startFirmware(ctx context.Context) error {
 	fw := &d.firmware
 	if !d.cfg.Firmware.Enabled {
@@ -85,8 +86,6 @@ func (d *daemon) startFirmware(ctx context.Context) error {
 	fw.updater = u
 	fw.jobs = make(chan []byte, 1)
 	fw.restart = make(chan struct{})
-	wctx, stop := context.WithCancel(ctx)
-	fw.stop = stop
 
 	// One subscription for the chunk responses of every release; routed to the download in
 	// progress (MQTTChunkClient.Deliver never blocks).
@@ -101,12 +100,6 @@ func (d *daemon) startFirmware(ctx context.Context) error {
 	}); err != nil {
 		d.log.Warn("firmware: subscribe to chunk responses (retried on reconnect)", "topic", respFilter, "err", err)
 	}
-
-	fw.wg.Add(1)
-	go func() {
-		defer fw.wg.Done()
-		d.firmwareWorker(wctx)
-	}()
 	return nil
 }
 
@@ -340,6 +333,15 @@ func (d *daemon) runFirmware(ctx context.Context, run func(context.Context) erro
 	if fw.updater == nil {
 		return run(ctx)
 	}
+	// The worker starts here, not in startFirmware, so that a later start-up step that
+	// fails leaves no goroutine behind.
+	wctx, stop := context.WithCancel(ctx)
+	fw.stop = stop
+	fw.wg.Add(1)
+	go func() {
+		defer fw.wg.Done()
+		d.firmwareWorker(wctx)
+	}()
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
