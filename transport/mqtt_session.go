@@ -84,6 +84,14 @@ func (c *Client) dial(ctx context.Context, ep endpoint) (*session, error) {
 		po.SetWill(c.status, StatusOffline, 1, true)
 	}
 	s.pc = mqtt.NewClient(po)
+	// Routes before CONNECT: a persistent session's queued messages arrive
+	// right after CONNACK, before SUBSCRIBE; without a route paho drops them
+	// unacknowledged.
+	c.mu.Lock()
+	for _, sub := range c.subs {
+		s.pc.AddRoute(sub.topic, sub.deliver)
+	}
+	c.mu.Unlock()
 	if err := waitToken(actx, s.pc.Connect()); err != nil {
 		s.abort(err)
 		if s.tlsState != nil && c.opts.ExplainError != nil {
@@ -354,13 +362,7 @@ func (c *Client) Subscribe(ctx context.Context, topic string, qos byte, handler 
 }
 
 func (s *session) subscribe(ctx context.Context, sub *subscription) error {
-	tok := s.pc.Subscribe(sub.topic, sub.qos, func(_ mqtt.Client, m mqtt.Message) {
-		msg := Message{Topic: m.Topic(), Payload: m.Payload(), QoS: m.Qos(), Retained: m.Retained(), Duplicate: m.Duplicate()}
-		select {
-		case sub.ch <- msg:
-		case <-sub.stop:
-		}
-	})
+	tok := s.pc.Subscribe(sub.topic, sub.qos, sub.deliver)
 	if err := waitToken(ctx, tok); err != nil {
 		return fmt.Errorf("transport: subscribe %s on %s: %w", sub.topic, s.url.Redacted(), err)
 	}
@@ -370,4 +372,12 @@ func (s *session) subscribe(ctx context.Context, sub *subscription) error {
 		}
 	}
 	return nil
+}
+
+func (sub *subscription) deliver(_ mqtt.Client, m mqtt.Message) {
+	msg := Message{Topic: m.Topic(), Payload: m.Payload(), QoS: m.Qos(), Retained: m.Retained(), Duplicate: m.Duplicate()}
+	select {
+	case sub.ch <- msg:
+	case <-sub.stop:
+	}
 }

@@ -61,22 +61,22 @@ type TLSOptions struct {
 // A TLSIdentity is safe for concurrent use. Config returns the same
 // *tls.Config each time; do not modify it.
 type TLSIdentity struct {
-	opts   TLSOptions
-	signer *tlsCountingSigner
-	roots  *x509.CertPool
-	cfg    *tls.Config
-	cache  *tlsSwappableCache
-	log    *slog.Logger
+	opts  TLSOptions
+	roots *x509.CertPool
+	cfg   *tls.Config
+	cache *tlsSwappableCache
+	log   *slog.Logger
 
 	mu    sync.Mutex
-	chain *tlsChain // current certificate; replaced by ReloadCertificate
+	chain *tlsChain // current certificate and key; replaced by ReloadCertificate and Rotate
 }
 
-// tlsChain is a parsed broker.cert_file.
+// tlsChain is a parsed broker.cert_file and the signer that holds its key.
 type tlsChain struct {
-	file string
-	leaf *x509.Certificate
-	cert tls.Certificate
+	file   string
+	leaf   *x509.Certificate
+	cert   tls.Certificate
+	signer *tlsCountingSigner
 }
 
 // TLS12CipherSuites are the only suites offered when min_tls is "1.2":
@@ -118,13 +118,12 @@ func NewTLSConfig(opts TLSOptions) (*TLSIdentity, error) {
 		return nil, err
 	}
 	id := &TLSIdentity{
-		opts:   opts,
-		signer: newTLSCountingSigner(opts.Signer),
-		roots:  roots,
-		cache:  newTLSSwappableCache(),
-		log:    log,
+		opts:  opts,
+		roots: roots,
+		cache: newTLSSwappableCache(),
+		log:   log,
 	}
-	ch, err := id.loadChain()
+	ch, err := id.loadChain(newTLSCountingSigner(opts.Signer), opts.CertFile)
 	if err != nil {
 		return nil, err
 	}
@@ -192,9 +191,8 @@ func loadCAFile(path string) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-// loadChain reads broker.cert_file and checks it against the signer and the clock.
-func (id *TLSIdentity) loadChain() (*tlsChain, error) {
-	path := id.opts.CertFile
+// loadChain reads broker.cert_file (path) and checks it against signer and the clock.
+func (id *TLSIdentity) loadChain(signer *tlsCountingSigner, path string) (*tlsChain, error) {
 	if path == "" {
 		return nil, errors.New("transport: broker.cert_file is empty: set it to the device certificate (PEM) issued for the TPM key (tpmagent key csr)")
 	}
@@ -221,9 +219,10 @@ func (id *TLSIdentity) loadChain() (*tlsChain, error) {
 		return nil, fmt.Errorf("transport: broker.cert_file %s: %w", path, err)
 	}
 	ch := &tlsChain{
-		file: path,
-		leaf: leaf,
-		cert: tls.Certificate{Certificate: ders, PrivateKey: id.signer, Leaf: leaf},
+		file:   path,
+		leaf:   leaf,
+		cert:   tls.Certificate{Certificate: ders, PrivateKey: signer, Leaf: leaf},
+		signer: signer,
 	}
 	if err := id.checkChain(ch); err != nil {
 		return nil, err
@@ -238,13 +237,13 @@ func (id *TLSIdentity) checkChain(ch *tlsChain) error {
 	if err != nil {
 		return fmt.Errorf("transport: broker.cert_file %s: %w", ch.file, err)
 	}
-	keyFP, err := PublicKeyFingerprint(id.opts.Signer.Public())
+	keyFP, err := PublicKeyFingerprint(ch.signer.Public())
 	if err != nil {
-		return fmt.Errorf("transport: device key %s: %w", id.keyName(), err)
+		return fmt.Errorf("transport: device key %s: %w", keyName(ch.signer.s), err)
 	}
 	if certFP != keyFP {
 		return fmt.Errorf("transport: broker.cert_file %s: certificate public key (sha256 %s) is not the %s (sha256 %s): issue a certificate for this key (tpmagent key csr)",
-			ch.file, certFP[:16], id.keyName(), keyFP[:16])
+			ch.file, certFP[:16], keyName(ch.signer.s), keyFP[:16])
 	}
 	now := id.opts.Now()
 	if now.After(ch.leaf.NotAfter) {
@@ -258,10 +257,10 @@ func (id *TLSIdentity) checkChain(ch *tlsChain) error {
 	return nil
 }
 
-// keyName describes the signer for messages: "TPM key at 0x81000100" when it
+// keyName describes a signer for messages: "TPM key at 0x81000100" when it
 // exposes a handle, "device key" otherwise.
-func (id *TLSIdentity) keyName() string {
-	if h, ok := signerHandle(id.opts.Signer); ok {
+func keyName(s crypto.Signer) string {
+	if h, ok := signerHandle(s); ok {
 		return fmt.Sprintf("TPM key at 0x%08x", h)
 	}
 	return "device key"
@@ -319,20 +318,23 @@ func (id *TLSIdentity) ConfigFor(host string) *tls.Config {
 // Leaf returns the device certificate currently in use.
 func (id *TLSIdentity) Leaf() *x509.Certificate { return id.current().leaf }
 
-// CertFile returns broker.cert_file.
-func (id *TLSIdentity) CertFile() string { return id.opts.CertFile }
+// CertFile returns the certificate file in use: broker.cert_file, or the
+// file the last Rotate named.
+func (id *TLSIdentity) CertFile() string { return id.current().file }
 
 // CAFile returns broker.ca_file.
 func (id *TLSIdentity) CAFile() string { return id.opts.CAFile }
 
-// Signatures returns how many signatures the device key has made: the
-// signer's own count (`Signatures() uint64`, cumulative in this process for a
-// tpmkeys signer) if it has one, else the calls made through this identity.
+// Signatures returns how many signatures the current device key has made:
+// the signer's own count (`Signatures() uint64`, cumulative in this process
+// for a tpmkeys signer) if it has one, else the calls made through this
+// identity. After Rotate it counts the new key.
 func (id *TLSIdentity) Signatures() uint64 {
-	if s, ok := id.opts.Signer.(interface{ Signatures() uint64 }); ok {
+	cs := id.current().signer
+	if s, ok := cs.s.(interface{ Signatures() uint64 }); ok {
 		return s.Signatures()
 	}
-	return id.signer.n.Load()
+	return cs.n.Load()
 }
 
 // ResetSessionCache drops every cached TLS session: the next connection does a
@@ -340,12 +342,14 @@ func (id *TLSIdentity) Signatures() uint64 {
 // broker changes.
 func (id *TLSIdentity) ResetSessionCache() { id.cache.reset() }
 
-// ReloadCertificate re-reads broker.cert_file (after a rotation), checks it
-// like NewTLSConfig does, uses it for the next full handshake and resets the
+// ReloadCertificate re-reads the certificate file (broker.cert_file, or the
+// one the last Rotate named), checks it against the current signer like
+// NewTLSConfig does, uses it for the next full handshake and resets the
 // session cache so that no session made with the old certificate resumes.
 // On error the old certificate stays in use.
 func (id *TLSIdentity) ReloadCertificate() error {
-	ch, err := id.loadChain()
+	cur := id.current()
+	ch, err := id.loadChain(cur.signer, cur.file)
 	if err != nil {
 		return err
 	}
@@ -559,7 +563,7 @@ func (id *TLSIdentity) ExplainTLSError(peer string, err error, afterHandshake bo
 		return mk(CauseNetwork, "transport: broker %s: timed out: %v", peer, err)
 	}
 	if afterHandshake && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "connection reset")) {
-		return mk(CauseClientRejected, "transport: broker %s closed the connection right after the TLS handshake: it probably rejected the client certificate from broker.cert_file %s (%q, issued by %q); see the broker log: %v",
+		return mk(CauseClientRejected, "transport: broker %s rejected the client certificate from broker.cert_file %s (%q, issued by %q), most likely: it closed the connection right after the TLS handshake without an alert; see the broker log, and have the certificate issued by a CA the broker trusts: %v",
 			peer, certFile, id.Leaf().Subject.String(), id.Leaf().Issuer.String(), err)
 	}
 	if errors.As(err, &oe) && oe.Op == "dial" {
