@@ -217,11 +217,21 @@ func (d *daemon) runPipeline(ctx context.Context) error {
 	if err != nil {
 		return &config.FieldError{Field: "telemetry.encoding", Value: d.cfg.Telemetry.Encoding, Msg: err.Error()}
 	}
+	var sealer agent.Sealer
+	if d.cfg.Seal.Enabled {
+		s, err := agent.NewSealingFromConfig(d.cfg.DeviceID, d.cfg.Seal, d.id.Signer, d.cfg.Broker.CertFile)
+		if err != nil {
+			return fmt.Errorf("run: %w", err)
+		}
+		sealer = s
+		d.log.Info("telemetry sealed end to end for the collector", "collector_key", d.cfg.Seal.CollectorKey, "suite", d.cfg.Seal.Suite)
+	}
 	p, err := agent.New(agent.Options{
 		Topic:     d.cfg.Expand(d.cfg.Telemetry.Topic),
 		QoS:       byte(d.cfg.Telemetry.QoS),
 		Batch:     batch.Options{Max: d.cfg.Telemetry.BatchMax, Bytes: int(d.cfg.Telemetry.BatchBytes), Linger: d.cfg.Telemetry.Linger},
 		Encoder:   enc,
+		Sealer:    sealer,
 		Queue:     d.spool,
 		Publisher: d.publisher(),
 		Counters:  d.counters,

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tpmagent/tpmagent/agent/config"
+	"github.com/tpmagent/tpmagent/agent/daemon"
 )
 
 // Exit codes (DESIGN.md): 0 ok, 1 runtime failure, 2 usage or config error.
@@ -53,6 +54,12 @@ func Main() int {
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return exitOK
+	}
+	if errors.Is(err, daemon.ErrRestart) {
+		// An installed update asks for a restart (systemd: Restart=on-failure,
+		// RestartForceExitStatus=75).
+		fmt.Fprintln(a.stderr, "tpmagent: "+err.Error())
+		return daemon.RestartExitCode
 	}
 	fmt.Fprintln(a.stderr, "tpmagent: "+err.Error())
 	var ue usageError
