@@ -341,8 +341,14 @@ type appended struct {
 // commit), and hands them to waitLoop, which answers their readings once
 // they are durable.
 func (p *Pipeline) appendLoop(ctx context.Context) {
-	const maxGroup = 1024
-	waits := make(chan appended, 64)
+	// A group is bounded in records and bytes: a group larger than the
+	// spool's free space would never fit, and groups queued behind the
+	// committer are merged into one write and fsync anyway.
+	const maxGroup, maxGroupBytes = 1024, 64 << 10
+	// At most two groups await durability: enough to overlap writing one
+	// with preparing the next, and little enough that the spool always has
+	// durable segments to drop under on_full=drop_oldest.
+	waits := make(chan appended)
 	waitDone := make(chan struct{})
 	go func() {
 		defer close(waitDone)
@@ -350,16 +356,40 @@ func (p *Pipeline) appendLoop(ctx context.Context) {
 	}()
 	async, _ := p.q.(asyncAppender)
 	var data [][]byte
-	for job := range p.appendQ {
-		jobs := []appendJob{job}
+	size := func(j appendJob) int {
+		n := 0
+		for _, m := range j.msgs {
+			n += len(m)
+		}
+		return n
+	}
+	var carry *appendJob
+	for {
+		var jobs []appendJob
+		if carry != nil {
+			jobs = append(jobs, *carry)
+			carry = nil
+		} else {
+			job, ok := <-p.appendQ
+			if !ok {
+				break
+			}
+			jobs = append(jobs, job)
+		}
+		bytes := size(jobs[0])
 	more:
-		for len(jobs) < maxGroup {
+		for len(jobs) < maxGroup && bytes < maxGroupBytes {
 			select {
 			case j, ok := <-p.appendQ:
 				if !ok {
 					break more
 				}
+				if bytes+size(j) > maxGroupBytes {
+					carry = &j
+					break more
+				}
 				jobs = append(jobs, j)
+				bytes += size(j)
 			default:
 				break more
 			}
