@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients openssl libssl-dev gcc
-      qemu-user-static iproute2 nftables tshark procps psmisc ca-certificates make
+      qemu-user-static iproute2 nftables tshark procps psmisc ca-certificates make systemd
       rabbitmq-server
      )
 
