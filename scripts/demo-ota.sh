@@ -45,7 +45,7 @@ trap 'exit 130' INT TERM
 free_port() { # a port p with p and p+1 free on 127.0.0.1
 	local p
 	for _ in $(seq 1 100); do
-		p=$((20000 + RANDOM % 30000))
+		p=$((10000 + RANDOM % 22000)) # below the ephemeral port range
 		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then
 			echo "$p"
 			return

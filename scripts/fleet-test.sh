@@ -24,7 +24,9 @@ trap cleanup EXIT INT TERM
 free_port() {
 	local p
 	for _ in $(seq 1 200); do
-		p=$((20000 + RANDOM % 40000))
+		# below the ephemeral range (ip_local_port_range starts at 32768), so
+		# the agents' outgoing connections cannot take a port between pick and bind
+		p=$((10000 + RANDOM % 22000))
 		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then echo "$p"; return; fi
 	done
 	exit 1
@@ -61,7 +63,7 @@ acl_file $D/mosquitto.acl
 CONF
 mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
 pids+=($!)
-wait_port "$BROKER_PORT"
+wait_port "$BROKER_PORT" || { echo "fleet-test: mosquitto did not start:"; cat "$D/mosquitto.out"; exit 1; }
 
 TOTAL=$((N * READINGS))
 "$D/benchtool" count-sub -url "mqtts://127.0.0.1:$BROKER_PORT" -ca "$F/ca/ca.pem" -cert "$F/ca/fleet-sub.pem" -key "$F/ca/fleet-sub.key" \
@@ -73,17 +75,26 @@ echo "fleet-test: starting $N swtpm + $N agents"
 agents=()
 for dir in "$F"/devices/*/; do
 	id=$(basename "$dir")
-	p=$(free_port)
-	swtpm socket --tpm2 --server type=tcp,port=$p,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((p + 1)),bindaddr=127.0.0.1 \
-		--tpmstate dir="$dir/tpm" --flags not-need-init,startup-clear >"$dir/swtpm-run.log" 2>&1 &
-	pids+=($!)
-	wait_port "$p"
+	started=0
+	for attempt in 1 2 3 4 5; do
+		p=$(free_port)
+		swtpm socket --tpm2 --server type=tcp,port=$p,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((p + 1)),bindaddr=127.0.0.1 \
+			--tpmstate dir="$dir/tpm" --flags not-need-init,startup-clear >"$dir/swtpm-run.log" 2>&1 &
+		sp=$!
+		if wait_port "$p" && kill -0 "$sp" 2>/dev/null; then
+			pids+=($sp)
+			started=1
+			break
+		fi
+		kill "$sp" 2>/dev/null || true
+	done
+	[ $started = 1 ] || { echo "fleet-test: swtpm for $id did not start:"; tail -5 "$dir/swtpm-run.log"; exit 1; }
 	TPMAGENT_TPM_DEVICE=swtpm://127.0.0.1:$p TPMAGENT_LOG_LEVEL=warn "$BIN" run --config "$dir/agent.yaml" >"$dir/agent.log" 2>&1 &
 	pids+=($!)
 	agents+=("$id:$!")
 done
 for dir in "$F"/devices/*/; do
-	for _ in $(seq 1 400); do [ -S "$dir/state/telemetry.sock" ] && break; sleep 0.05; done
+	for _ in $(seq 1 1200); do [ -S "$dir/state/telemetry.sock" ] && break; sleep 0.05; done
 	[ -S "$dir/state/telemetry.sock" ] || { echo "fleet-test: $(basename "$dir") did not start:"; tail -5 "$dir/agent.log"; exit 1; }
 done
 

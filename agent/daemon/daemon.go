@@ -72,6 +72,10 @@ type daemon struct {
 	spool    *spool.Spool
 	client   *transport.Client
 	pipeline *agent.Pipeline
+	// clientSuffix is appended to the MQTT client id (bench runs beside
+	// the agent without taking over its session).
+	clientSuffix string
+
 	firmware firmwareState
 	renewal  renewalState
 
@@ -185,7 +189,8 @@ func (d *daemon) connect(ctx context.Context) error {
 		URLs:           d.cfg.Broker.URLs,
 		TLS:            d.tls.Config(),
 		AllowPlaintext: d.cfg.Broker.AllowPlaintext,
-		ClientID:       d.cfg.DeviceID,
+		ClientID:       d.cfg.DeviceID + d.clientSuffix,
+		StatusTopic:    d.statusTopic(),
 		Keepalive:      d.cfg.Broker.Keepalive,
 		CleanSession:   d.cfg.Broker.CleanSession,
 		BackoffBase:    d.cfg.Broker.BackoffBase,
@@ -271,6 +276,15 @@ func (d *daemon) runPipeline(ctx context.Context) error {
 	err = p.Run(ctx, sources...)
 	d.notify.Stopping()
 	return err
+}
+
+// statusTopic is where "online" and the last will "offline" go: the
+// device's status topic, or none for a bench client beside the agent.
+func (d *daemon) statusTopic() string {
+	if d.clientSuffix != "" {
+		return "-"
+	}
+	return "devices/" + d.cfg.DeviceID + "/status"
 }
 
 func (d *daemon) publisher() transport.Publisher {
