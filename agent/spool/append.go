@@ -55,7 +55,7 @@ func (p Pending) Wait(ctx context.Context) error {
 // for acknowledgements (until ctx ends) and FullDropOldest deletes the oldest
 // segment. Each record is at most MaxRecordSize bytes.
 func (s *Spool) Append(ctx context.Context, data ...[]byte) (first uint64, err error) {
-	p, err := s.AppendAsync(ctx, data...)
+	p, err := s.appendAsync(ctx, data, s.opts.Fsync != FsyncBatch)
 	if err != nil {
 		return 0, err
 	}
@@ -70,6 +70,12 @@ func (s *Spool) Append(ctx context.Context, data ...[]byte) (first uint64, err e
 // the next batch while this one is written. Call Wait before telling anyone
 // the records are safe. Records are visible to Next only once durable.
 func (s *Spool) AppendAsync(ctx context.Context, data ...[]byte) (Pending, error) {
+	return s.appendAsync(ctx, data, false)
+}
+
+// appendAsync queues data; with inline it writes the group itself when no
+// write is in progress (Append under FsyncNever and FsyncAlways).
+func (s *Spool) appendAsync(ctx context.Context, data [][]byte, inline bool) (Pending, error) {
 	if len(data) == 0 {
 		return Pending{}, nil
 	}
@@ -95,7 +101,7 @@ func (s *Spool) AppendAsync(ctx context.Context, data ...[]byte) (Pending, error
 		if s.opts.Full == FullDropOldest && s.dropOldestLocked() {
 			continue
 		}
-		ch := s.spaceCh
+		ch := s.spaceWaitLocked()
 		s.mu.Unlock()
 		if err := s.waitCtx(ctx, ch); err != nil {
 			if errors.Is(err, ErrClosed) {
@@ -110,6 +116,13 @@ func (s *Spool) AppendAsync(ctx context.Context, data ...[]byte) (Pending, error
 		s.encodeLocked(d)
 	}
 	g := s.group
+	if inline && !s.writing {
+		// Nobody is writing: write this group here rather than hand it to
+		// the committer (saves two goroutine switches per Append).
+		s.flushLocked()
+		s.mu.Unlock()
+		return Pending{First: first, g: g}, nil
+	}
 	s.mu.Unlock()
 	select {
 	case s.kick <- struct{}{}:
@@ -205,21 +218,27 @@ func (s *Spool) dropOldestLocked() bool {
 }
 
 // commitLoop is the committer: it takes the pending group, writes it, syncs it
-// as the policy says and wakes the appenders that wait for it.
+// as the policy says and wakes the appenders that wait for it. Under
+// FsyncBatch it waits until BatchWindow has passed since the previous fsync
+// so that one fsync serves every record appended meanwhile.
 func (s *Spool) commitLoop() {
 	defer s.wg.Done()
-	var chunks []chunk
 	for {
 		s.mu.Lock()
-		for len(s.pend) == 0 {
-			if s.closed {
+		for len(s.pend) == 0 || s.writing {
+			if s.closed && len(s.pend) == 0 && !s.writing {
 				s.mu.Unlock()
 				return
 			}
+			writing := s.writing
 			s.mu.Unlock()
-			select {
-			case <-s.kick:
-			case <-s.closing:
+			if writing {
+				<-s.kick // the inline writer kicks when it is done
+			} else {
+				select {
+				case <-s.kick:
+				case <-s.closing:
+				}
 			}
 			s.mu.Lock()
 		}
@@ -235,42 +254,61 @@ func (s *Spool) commitLoop() {
 				s.mu.Lock()
 			}
 		}
-		chunks = append(chunks[:0], s.pend...)
-		clear(s.pend)
-		s.pend = s.pend[:0]
-		s.pendBytes = 0
-		g := s.group
-		s.group = newGroup()
+		if !s.writing && len(s.pend) > 0 {
+			s.flushLocked()
+		}
 		s.mu.Unlock()
+	}
+}
 
-		syncStart := time.Now()
-		fsyncs, err := s.writeChunks(chunks)
+// flushLocked writes the pending group and completes it. It is called with mu
+// held, s.writing false and s.pend not empty, by the committer or by an
+// appender that found no write in progress (FsyncNever and FsyncAlways), and
+// returns with mu held. It releases mu while writing.
+func (s *Spool) flushLocked() {
+	s.writing = true
+	chunks := append(s.flushBuf[:0], s.pend...)
+	clear(s.pend)
+	s.pend = s.pend[:0]
+	s.pendBytes = 0
+	g := s.group
+	s.group = newGroup()
+	s.mu.Unlock()
 
-		s.mu.Lock()
-		s.lastSync = syncStart
-		s.st.Fsyncs += fsyncs
-		if err == nil {
-			for _, c := range chunks {
-				c.seg.durSize += int64(len(c.buf))
-				c.seg.durLast = c.last
-				s.durSeq = c.last
-				s.st.Appended += uint64(c.n)
-				if c.seg != s.active && c.seg.f != nil && c.seg.durSize == c.seg.size { // sealed and fully written
-					c.seg.f.Close()
-					c.seg.f = nil
-				}
+	syncStart := time.Now()
+	fsyncs, err := s.writeChunks(chunks)
+
+	s.mu.Lock()
+	s.lastSync = syncStart
+	s.st.Fsyncs += fsyncs
+	if err == nil {
+		for _, c := range chunks {
+			c.seg.durSize += int64(len(c.buf))
+			c.seg.durLast = c.last
+			s.durSeq = c.last
+			s.st.Appended += uint64(c.n)
+			if c.seg != s.active && c.seg.f != nil && c.seg.durSize == c.seg.size { // sealed and fully written
+				c.seg.f.Close()
+				c.seg.f = nil
 			}
-		} else {
-			s.rollbackLocked(err)
 		}
-		g.err = err
-		close(g.done)
-		for i := range chunks {
-			s.putBufLocked(chunks[i].buf)
-			chunks[i] = chunk{}
+	} else {
+		s.rollbackLocked(err)
+	}
+	g.err = err
+	close(g.done)
+	for i := range chunks {
+		s.putBufLocked(chunks[i].buf)
+		chunks[i] = chunk{}
+	}
+	s.flushBuf = chunks[:0]
+	s.writing = false
+	s.notifyDataLocked()
+	if len(s.pend) > 0 || s.closed {
+		select {
+		case s.kick <- struct{}{}:
+		default:
 		}
-		s.notifyDataLocked()
-		s.mu.Unlock()
 	}
 }
 

@@ -35,12 +35,12 @@ func (r *reader) close() {
 	r.f, r.seg = nil, nil
 }
 
-// Next returns up to max records past the cursor, in seq order, blocking until
+// Next returns up to maxRecs records past the cursor, in seq order, blocking until
 // there is at least one (or ctx ends). Records already acknowledged are
 // skipped. Data of the returned records is owned by the caller.
-func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
-	if max <= 0 {
-		max = 1
+func (s *Spool) Next(ctx context.Context, maxRecs int) ([]Record, error) {
+	if maxRecs <= 0 {
+		maxRecs = 1
 	}
 	s.readMu.Lock()
 	defer s.readMu.Unlock()
@@ -66,11 +66,11 @@ func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
 			limit = seg.durSize
 			sealed = seg != s.active && seg.durSize == seg.size
 		}
-		wait := s.dataCh
+		wait := s.dataWaitLocked()
 		s.mu.Unlock()
 
 		if seg != nil && s.rd.off < limit {
-			recs, err := s.readRecords(limit, max-len(out))
+			recs, err := s.readRecords(limit, maxRecs-len(out))
 			if err != nil {
 				return nil, err
 			}
@@ -78,14 +78,14 @@ func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
 				out = append(out, r)
 				outBytes += len(r.Data)
 			}
-			if len(out) >= max || outBytes >= maxNextBytes {
+			if len(out) >= maxRecs || outBytes >= maxNextBytes {
 				return out, nil
 			}
 			continue
 		}
 		if seg != nil && sealed {
 			s.mu.Lock()
-			s.rd.next = max64(s.rd.next, seg.last+1)
+			s.rd.next = max(s.rd.next, seg.last+1)
 			s.rd.close()
 			s.positionLocked()
 			s.mu.Unlock()
@@ -99,8 +99,6 @@ func (s *Spool) Next(ctx context.Context, max int) ([]Record, error) {
 		}
 	}
 }
-
-func max64(a, b uint64) uint64 { return max(a, b) }
 
 // Rewind moves the cursor back to the oldest unacknowledged record, so Next
 // returns every unacknowledged record again (after a reconnect).
@@ -203,7 +201,7 @@ func readOne(br *bufio.Reader, hb []byte, buf *[]byte, avail int64) (h header, p
 	}
 	start := len(*buf)
 	if cap(*buf)-start < int(h.length) {
-		nb := make([]byte, start, max(2*cap(*buf), start+int(h.length), 64<<10))
+		nb := make([]byte, start, max(2*cap(*buf), start+int(h.length), 4<<10))
 		copy(nb, *buf)
 		*buf = nb
 	}

@@ -79,6 +79,10 @@ func abandon(s *Spool) {
 	s.mu.Lock()
 	s.closed = true
 	close(s.closing)
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
 	s.notifyDataLocked()
 	s.notifySpaceLocked()
 	s.mu.Unlock()
@@ -459,5 +463,75 @@ func TestKillMidAppend(t *testing.T) {
 			}
 			t.Logf("child appended %d acknowledged records (%d on disk), torn tails repaired: %d", len(acked), len(got), s.Stats().TornTailRepairs)
 		})
+	}
+}
+
+func TestAppendAsyncAndGroupCommit(t *testing.T) {
+	s := openT(t, t.TempDir(), Options{Fsync: FsyncBatch, BatchWindow: 5 * time.Millisecond})
+	ctx := context.Background()
+	var ps []Pending
+	for i := uint64(1); i <= 500; i++ {
+		p, err := s.AppendAsync(ctx, payload(i, 20))
+		if err != nil || p.First != i {
+			t.Fatalf("AppendAsync %d = %+v, %v", i, p, err)
+		}
+		ps = append(ps, p)
+	}
+	for _, p := range ps {
+		must(t, p.Wait(ctx))
+	}
+	// Concurrent blocking appenders share fsyncs too.
+	var wg sync.WaitGroup
+	for g := 0; g < 50; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := s.Append(ctx, []byte("x")); err != nil {
+				t.Error(err)
+			}
+		}()
+	}
+	wg.Wait()
+	st := s.Stats()
+	if st.Appended != 550 || st.Fsyncs == 0 || st.Fsyncs > 100 {
+		t.Fatalf("stats %+v: want 550 records in far fewer fsyncs", st)
+	}
+	recs := drain(t, s)
+	checkRecords(t, recs[:500], seqRangeList(1, 500), 20)
+	t.Logf("550 records, %d fsyncs", st.Fsyncs)
+}
+
+func TestCloseUnblocks(t *testing.T) {
+	log, _ := testLogger(t)
+	s, err := Open(t.TempDir(), Options{Logger: log, MaxBytes: 64 << 10, SegmentBytes: 8 << 10})
+	must(t, err)
+	errs := make(chan error, 2)
+	go func() {
+		for { // reads everything, then blocks in Next (nothing is acked)
+			if _, err := s.Next(context.Background(), 1000); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	go func() {
+		for {
+			if _, err := s.Append(context.Background(), make([]byte, 1000)); err != nil {
+				errs <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	must(t, s.Close())
+	for i := 0; i < 2; i++ {
+		select {
+		case err := <-errs:
+			if !errors.Is(err, ErrClosed) {
+				t.Fatalf("blocked call after Close = %v, want ErrClosed", err)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatal("Close did not unblock Append/Next")
+		}
 	}
 }
