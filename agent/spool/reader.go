@@ -125,10 +125,10 @@ func (s *Spool) positionLocked() {
 	}
 }
 
-// readRecords reads up to max records of the cursor's segment below limit
+// readRecords reads up to maxRecs records of the cursor's segment below limit
 // (its durable size), skipping seqs below rd.next. Damage is logged and
 // skipped to the next valid record.
-func (s *Spool) readRecords(limit int64, max int) ([]Record, error) {
+func (s *Spool) readRecords(limit int64, maxRecs int) ([]Record, error) {
 	rd := &s.rd
 	if rd.f == nil {
 		f, err := os.Open(rd.seg.path)
@@ -149,7 +149,7 @@ func (s *Spool) readRecords(limit int64, max int) ([]Record, error) {
 	var recs []Record
 	var buf []byte
 	var hb [recordHeaderSize]byte
-	for rd.off < limit && len(recs) < max && len(buf) < maxNextBytes {
+	for rd.off < limit && len(recs) < maxRecs && len(buf) < maxNextBytes {
 		h, payload, ok, err := readOne(rd.br, hb[:], &buf, limit-rd.off)
 		if err != nil {
 			return nil, fmt.Errorf("spool: read %s offset %d: %w", rd.seg.path, rd.off, err)

@@ -214,31 +214,31 @@ type Spool struct {
 	log  *slog.Logger
 	lock *os.File
 
-	mu        sync.Mutex
-	segs      []*segment // oldest first
-	active    *segment   // segment receiving appends, nil until the first Append after Open
-	nextSeq   uint64     // seq for the next appended record
-	durSeq    uint64     // last durable seq
-	lowWater  uint64     // every seq below is acknowledged (or lost)
-	acked     map[uint64]struct{}
-	holes     []seqRange
-	total     int64 // sum of segment sizes
-	pend      []chunk
-	pendBytes int64
-	group     *commitGroup
-	writing   bool    // a group is being written (by the committer or inline)
-	flushBuf  []chunk // scratch for the group being written (guarded by writing)
-	freeBufs  [][]byte
-	lastSync  time.Time
+	mu          sync.Mutex
+	segs        []*segment // oldest first
+	active      *segment   // segment receiving appends, nil until the first Append after Open
+	nextSeq     uint64     // seq for the next appended record
+	durSeq      uint64     // last durable seq
+	lowWater    uint64     // every seq below is acknowledged (or lost)
+	acked       map[uint64]struct{}
+	holes       []seqRange
+	total       int64 // sum of segment sizes
+	pend        []chunk
+	pendBytes   int64
+	group       *commitGroup
+	writing     bool    // a group is being written (by the committer or inline)
+	flushBuf    []chunk // scratch for the group being written (guarded by writing)
+	freeBufs    [][]byte
+	lastSync    time.Time
 	dataCh      chan struct{} // closed when readers have something new to look at
 	dataWanted  bool          // a reader holds dataCh
 	spaceCh     chan struct{} // closed when space was freed
 	spaceWanted bool          // an appender holds spaceCh
-	closed    bool
-	dropLast  time.Time // last drop, for logging once per burst
-	dropBurst uint64    // records dropped in the current burst
-	persisted uint64    // low-watermark in the ack file
-	st        Stats
+	closed      bool
+	dropLast    time.Time // last drop, for logging once per burst
+	dropBurst   uint64    // records dropped in the current burst
+	persisted   uint64    // low-watermark in the ack file
+	st          Stats
 
 	kick    chan struct{}
 	closing chan struct{}
