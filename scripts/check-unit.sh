@@ -57,8 +57,8 @@ if ! verify; then
 fi
 echo "check-unit: verify: clean ($(systemd-analyze --version | head -1))"
 
-systemd-sysusers --root="$root" >/dev/null
-systemd-tmpfiles --root="$root" --create
+out=$(systemd-sysusers --root="$root" 2>&1) || { printf '%s\n' "$out" >&2; echo "check-unit: FAIL: systemd-sysusers" >&2; exit 1; }
+out=$(systemd-tmpfiles --root="$root" --create 2>&1) || { printf '%s\n' "$out" >&2; echo "check-unit: FAIL: systemd-tmpfiles" >&2; exit 1; }
 grep -q '^tpmagent:x:[0-9]*:[0-9]*:.*:/var/lib/tpmagent:' "$root/etc/passwd" ||
 	{ echo "check-unit: FAIL: sysusers did not create user tpmagent" >&2; exit 1; }
 grep -Eq '^tss:x:[0-9]+:(.*,)?tpmagent(,|$)' "$root/etc/group" ||
