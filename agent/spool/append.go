@@ -304,6 +304,9 @@ func (s *Spool) flushLocked() {
 	s.flushBuf = chunks[:0]
 	s.writing = false
 	s.notifyDataLocked()
+	// A full spool under FullDropOldest may wait for a segment to finish
+	// being written before it can drop it.
+	s.notifySpaceLocked()
 	if len(s.pend) > 0 || s.closed {
 		select {
 		case s.kick <- struct{}{}:

@@ -265,3 +265,36 @@ func TestConcurrent(t *testing.T) {
 		t.Fatalf("final stats %+v", st)
 	}
 }
+
+// TestConcurrentDropOldest: parallel appenders on a spool that keeps
+// overflowing never block and never exceed MaxBytes; the books balance.
+func TestConcurrentDropOldest(t *testing.T) {
+	s := openT(t, t.TempDir(), Options{Fsync: FsyncBatch, BatchWindow: 500 * time.Microsecond, MaxBytes: 64 << 10, SegmentBytes: 8 << 10, Full: FullDropOldest})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 300; i++ {
+				if _, err := s.Append(ctx, make([]byte, 500)); err != nil {
+					t.Errorf("Append: %v", err)
+					return
+				}
+				if st := s.Stats(); st.Bytes > 64<<10 {
+					t.Errorf("Bytes %d over MaxBytes", st.Bytes)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	st := s.Stats()
+	if st.Appended != 2400 || st.Dropped == 0 || st.Records != int64(st.Appended-st.Dropped) {
+		t.Fatalf("stats %+v: want Records = Appended - Dropped", st)
+	}
+	if recs := drain(t, s); int64(len(recs)) != st.Records {
+		t.Fatalf("Next returned %d records, Stats says %d", len(recs), st.Records)
+	}
+}
