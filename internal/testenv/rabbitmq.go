@@ -119,7 +119,10 @@ func (r *RabbitMQ) start() error {
 	if r.Port == 0 {
 		r.Port = FreePort(r.t)
 	}
-	r.DistPort = r.freeDistPort()
+	// Free ports for distribution and epmd (ctlEnv gives each rabbitmqctl its
+	// own too): parallel nodes never meet on RabbitMQ's fixed defaults
+	// (25672, 4369, 35672–35682).
+	r.DistPort = FreePort(r.t)
 	r.EPMDPort = FreePort(r.t)
 	r.Node = fmt.Sprintf("tpmagent-%d@localhost", r.Port)
 	home := filepath.Join(r.Dir, "home")
@@ -157,11 +160,6 @@ func (r *RabbitMQ) start() error {
 	}
 	return r.startNode()
 }
-
-// freeDistPort returns a free port for Erlang distribution. The rabbitmqctl
-// of this node gets its own free port (ctlEnv), so parallel nodes and CLIs
-// never meet on RabbitMQ's fixed defaults (25672, 35672–35682).
-func (r *RabbitMQ) freeDistPort() int { return FreePort(r.t) }
 
 // writeFiles writes rabbitmq.conf, advanced.config, enabled_plugins, the
 // definitions (users, permissions) and an empty rabbitmq-env.conf (so that
