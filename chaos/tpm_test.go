@@ -33,22 +33,3 @@ func tpmHandles(t *testing.T, sw *testenv.Swtpm) (transient, sessions []string) 
 	return get("handles-transient"), get("handles-loaded-session")
 }
 
-// flushLikeResourceManager does what the kernel's resource manager
-// (/dev/tpmrm0) does when a process holding TPM objects dies: it flushes
-// the transient objects and sessions it left. swtpm has no resource
-// manager; it returns how many handles the killed agent had left.
-func flushLikeResourceManager(t *testing.T, sw *testenv.Swtpm) int {
-	t.Helper()
-	tr, ss := tpmHandles(t, sw)
-	if len(tr)+len(ss) == 0 {
-		return 0
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	for _, flag := range []string{"-t", "-l"} {
-		if out, err := sw.Command(ctx, "tpm2_flushcontext", flag).CombinedOutput(); err != nil {
-			t.Fatalf("tpm2_flushcontext %s: %v\n%s", flag, err, out)
-		}
-	}
-	return len(tr) + len(ss)
-}

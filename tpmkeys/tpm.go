@@ -40,6 +40,9 @@ type TPM struct {
 	mu     sync.Mutex // guards keys and closed
 	keys   map[*Key]struct{}
 	closed bool
+
+	// staleFlushed counts handles of dead earlier clients flushed by Open.
+	staleFlushed int
 }
 
 // Open opens the TPM named by device:
@@ -85,7 +88,7 @@ func Open(ctx context.Context, device string) (*TPM, error) {
 			t.Close()
 			return nil, fmt.Errorf("tpmkeys: open %s: the TPM does not answer: %w", device, err)
 		}
-		return t, nil
+		return t.cleanStale(ctx, d)
 	}
 	// swtpm serves one connection at a time: while another client holds it, our connection
 	// is accepted but no command is answered. Do not wait forever for the first answer.
@@ -108,6 +111,21 @@ func Open(ctx context.Context, device string) (*TPM, error) {
 		return nil, fmt.Errorf("tpmkeys: open %s: swtpm at %s accepted the connection but does not answer (%w): "+
 			"swtpm serves one client at a time, so stop the other client (a running tpmagent, tpm2-tools)", device, d.CommandAddr, err)
 	}
+	return t.cleanStale(ctx, d)
+}
+
+// cleanStale flushes what dead earlier clients left in a TPM without a
+// resource manager (see flushStale).
+func (t *TPM) cleanStale(ctx context.Context, d Device) (*TPM, error) {
+	if hasResourceManager(d) {
+		return t, nil
+	}
+	n, err := t.flushStale(ctx)
+	if err != nil {
+		t.Close()
+		return nil, err
+	}
+	t.staleFlushed = n
 	return t, nil
 }
 

@@ -103,6 +103,11 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	d.counters.Start(time.Now())
+	if d.cfg.File != "" {
+		for _, w := range config.CheckPermissions(d.cfg.File) {
+			d.log.Warn("configuration file permissions: " + w)
+		}
+	}
 	defer d.close()
 	steps := []struct {
 		name string
@@ -272,6 +277,7 @@ func (d *daemon) runPipeline(ctx context.Context) error {
 	}
 	run("systemd", func(c context.Context) error { d.systemdLoop(c, sock); return nil })
 	run("reload", func(c context.Context) error { d.reloadLoop(c); return nil })
+	run("connection errors", func(c context.Context) error { d.connectionErrors(c); return nil })
 
 	err = p.Run(ctx, sources...)
 	d.notify.Stopping()
@@ -362,6 +368,27 @@ func (d *daemon) systemdLoop(ctx context.Context, sock *source.Socket) {
 				d.notify.Status("%s; %.0f readings/s; %d acked; spool %d records", broker, rate, s.MessagesAcked, s.Spool.Records)
 				lastIn, lastStatus = s.ReadingsIn, now
 			}
+		}
+	}
+}
+
+// connectionErrors copies the MQTT client's last connection error (TPM
+// gone, certificate refused, broker down) into the status counters, so
+// `tpmagent status` shows why the agent is offline, not only the log.
+func (d *daemon) connectionErrors(ctx context.Context) {
+	t := time.NewTicker(250 * time.Millisecond)
+	defer t.Stop()
+	var seen time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st := d.client.Stats()
+		if st.LastError != "" && st.LastErrorAt.After(seen) {
+			seen = st.LastErrorAt
+			d.counters.SetError(errors.New(st.LastError))
 		}
 	}
 }

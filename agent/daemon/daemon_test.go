@@ -15,6 +15,7 @@ import (
 
 	"github.com/tpmagent/tpmagent/agent/batch"
 	"github.com/tpmagent/tpmagent/agent/source"
+	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/internal/testdevice"
 	"github.com/tpmagent/tpmagent/internal/testenv"
 	"github.com/tpmagent/tpmagent/transport"
@@ -258,3 +259,68 @@ func TestWatchdogStopsWhenPublishingStalls(t *testing.T) {
 }
 
 var _ = testenv.FreePort
+
+// TestStatusShowsConnectionErrorAndPermissionWarning: with the broker down
+// the agent keeps accepting readings (spooled) and `status` names the
+// connection error; a config file readable by others is warned about.
+func TestStatusShowsConnectionErrorAndPermissionWarning(t *testing.T) {
+	d := testdevice.New(t, testdevice.Options{})
+	d.Broker.Stop()
+	if err := os.Chmod(d.ConfigFile, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.Config.File = d.ConfigFile
+	var logBuf syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, Options{Config: d.Config, Logger: slog.New(slog.NewTextHandler(&logBuf, nil))})
+	}()
+	waitSocket(t, d.Config.Telemetry.Socket)
+	sctx, scancel := context.WithTimeout(ctx, 20*time.Second)
+	ok, _, err := source.Send(sctx, d.Config.Telemetry.Socket, strings.NewReader(lines(0, 10)), nil)
+	scancel()
+	if err != nil || ok != 10 {
+		t.Fatalf("offline send: ok %d, err %v", ok, err)
+	}
+	var snap status.Snapshot
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		fctx, fcancel := context.WithTimeout(ctx, 2*time.Second)
+		snap, err = status.Fetch(fctx, d.Config.Status.Socket)
+		fcancel()
+		if err == nil && snap.LastError != "" {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(snap.LastError, d.Broker.Addr()) {
+		t.Errorf("status last_error %q does not name the broker %s", snap.LastError, d.Broker.Addr())
+	}
+	if snap.Spool.Records == 0 {
+		t.Errorf("readings were not spooled while offline: %+v", snap.Spool)
+	}
+	if !strings.Contains(logBuf.String(), "configuration file permissions") || !strings.Contains(logBuf.String(), d.ConfigFile) {
+		t.Errorf("no permission warning naming %s in the log:\n%s", d.ConfigFile, logBuf.String())
+	}
+	cancel()
+	<-done
+}
+
+// syncBuffer is a bytes.Buffer safe for the logger's goroutines.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
