@@ -127,10 +127,19 @@ pids+=($AGENT)
 for _ in $(seq 1 50); do [ -S "$D/telemetry.sock" ] && break; sleep 0.1; done
 ( for i in $(seq 1 20000); do echo "{\"name\":\"demo.counter\",\"value\":$i}"; done | "${A[@]}" send >/dev/null ) &
 end=$((SECONDS + RUN_SECONDS))
+prev=0
 while [ $SECONDS -lt $end ]; do
-	line=$("${A[@]}" status --line 2>/dev/null || echo "waiting for the agent...")
-	printf '\r\033[K%s' "$line"
 	sleep 1
+	js=$("${A[@]}" status --json 2>/dev/null | tr -d ' \n' || true)
+	num() { sed -n "s/.*\"$1\":\([0-9]*\).*/\1/p" <<<"$js"; }
+	in=$(num readings_in); acked=$(num messages_acked); spooled=$(num records); sigs=$(num tpm_signatures)
+	if [ -n "$in" ]; then
+		printf '\r\033[K%6d readings/s | readings %d | messages acked %d | spool %d records | TPM signatures %d' \
+			$((in - prev)) "$in" "${acked:-0}" "${spooled:-0}" "${sigs:-0}"
+		prev=$in
+	else
+		printf '\r\033[Kwaiting for the agent...'
+	fi
 done
 echo
 kill -TERM "$AGENT" 2>/dev/null || true
