@@ -147,6 +147,10 @@ func (s *Spool) encodeLocked(d []byte) {
 	} else if len(s.pend) == 0 || s.pend[len(s.pend)-1].seg != s.active {
 		s.pend = append(s.pend, chunk{seg: s.active, buf: s.getBuf()})
 	}
+	if s.pendRecs == 0 {
+		s.pendSince = time.Now()
+	}
+	s.pendRecs++
 	c := &s.pend[len(s.pend)-1]
 	c.buf = appendRecord(c.buf, seq, d)
 	c.last = seq
@@ -219,8 +223,7 @@ func (s *Spool) dropOldestLocked() bool {
 
 // commitLoop is the committer: it takes the pending group, writes it, syncs it
 // as the policy says and wakes the appenders that wait for it. Under
-// FsyncBatch it waits until BatchWindow has passed since the previous fsync
-// so that one fsync serves every record appended meanwhile.
+// FsyncBatch it first lets the group grow (gatherLocked).
 func (s *Spool) commitLoop() {
 	defer s.wg.Done()
 	for {
@@ -242,22 +245,41 @@ func (s *Spool) commitLoop() {
 			}
 			s.mu.Lock()
 		}
-		if s.opts.Fsync == FsyncBatch && !s.closed && s.pendBytes < 4<<20 {
-			if wait := time.Until(s.lastSync.Add(s.opts.BatchWindow)); wait > 0 {
-				s.mu.Unlock()
-				t := time.NewTimer(wait)
-				select {
-				case <-t.C:
-				case <-s.closing:
-					t.Stop()
-				}
-				s.mu.Lock()
-			}
+		if s.opts.Fsync == FsyncBatch {
+			s.gatherLocked()
 		}
 		if !s.writing && len(s.pend) > 0 {
 			s.flushLocked()
 		}
 		s.mu.Unlock()
+	}
+}
+
+// gatherLocked lets the pending group grow before an FsyncBatch write: it
+// waits until the group holds as many records as the previous one (the
+// appenders that waited for that fsync have come back) or until BatchWindow
+// has passed since the group's first record, whichever is first. Called and
+// returns with mu held.
+func (s *Spool) gatherLocked() {
+	var t *time.Timer
+	for !s.closed && len(s.pend) > 0 && s.pendRecs < s.lastGroupRecs && s.pendBytes < 4<<20 {
+		wait := time.Until(s.pendSince.Add(s.opts.BatchWindow))
+		if wait <= 0 {
+			break
+		}
+		if t == nil {
+			t = time.NewTimer(wait)
+			defer t.Stop()
+		} else {
+			t.Reset(wait)
+		}
+		s.mu.Unlock()
+		select {
+		case <-s.kick:
+		case <-t.C:
+		case <-s.closing:
+		}
+		s.mu.Lock()
 	}
 }
 
@@ -271,15 +293,14 @@ func (s *Spool) flushLocked() {
 	clear(s.pend)
 	s.pend = s.pend[:0]
 	s.pendBytes = 0
+	s.lastGroupRecs, s.pendRecs = s.pendRecs, 0
 	g := s.group
 	s.group = newGroup()
 	s.mu.Unlock()
 
-	syncStart := time.Now()
 	fsyncs, err := s.writeChunks(chunks)
 
 	s.mu.Lock()
-	s.lastSync = syncStart
 	s.st.Fsyncs += fsyncs
 	if err == nil {
 		for _, c := range chunks {
@@ -376,6 +397,7 @@ func (s *Spool) rollbackLocked(err error) {
 		clear(s.pend)
 		s.pend = s.pend[:0]
 		s.pendBytes = 0
+		s.pendRecs = 0
 	}
 	s.nextSeq = s.durSeq + 1
 	for len(s.segs) > 0 {

@@ -7,7 +7,9 @@
 //     are durable as the fsync policy says: FsyncAlways and FsyncBatch after an
 //     fsync(2) of the segment, FsyncNever after write(2) (they survive a crash
 //     of the process, not of the machine). Concurrent callers share one write
-//     and one fsync (group commit by one committer goroutine).
+//     and one fsync (group commit). FsyncAlways syncs as soon as the previous
+//     fsync is done; FsyncBatch first waits (at most BatchWindow) for the group
+//     to grow to the size of the previous one, so groups are larger.
 //   - Next hands records to one consumer in sequence order; Ack releases them
 //     in any order; Rewind goes back to the oldest unacknowledged record so a
 //     publisher resends what the broker never acknowledged (at-least-once).
@@ -88,8 +90,9 @@ import (
 type FsyncPolicy int
 
 const (
-	// FsyncBatch: Append waits for an fsync that is shared by every record
-	// appended within Options.BatchWindow (at most one fsync per window).
+	// FsyncBatch: Append waits for an fsync shared by a group of records:
+	// the committer lets a group grow until it is as large as the previous
+	// one or Options.BatchWindow has passed since its first record.
 	FsyncBatch FsyncPolicy = iota
 	// FsyncAlways: Append waits for an fsync started as soon as the previous
 	// one finished; concurrent Appends share it.
@@ -176,8 +179,8 @@ type Options struct {
 	Fsync FsyncPolicy
 	// Full is the policy when MaxBytes is reached (default FullBlock).
 	Full FullPolicy
-	// BatchWindow is the minimum time between two fsyncs under FsyncBatch
-	// (default 2 ms); records appended meanwhile share the next fsync.
+	// BatchWindow is the longest a record waits for others to join its
+	// group before the fsync under FsyncBatch (default 2 ms).
 	BatchWindow time.Duration
 	// AckFlushInterval is how often the ack low-watermark is persisted
 	// (default 200 ms).
@@ -214,31 +217,33 @@ type Spool struct {
 	log  *slog.Logger
 	lock *os.File
 
-	mu          sync.Mutex
-	segs        []*segment // oldest first
-	active      *segment   // segment receiving appends, nil until the first Append after Open
-	nextSeq     uint64     // seq for the next appended record
-	durSeq      uint64     // last durable seq
-	lowWater    uint64     // every seq below is acknowledged (or lost)
-	acked       map[uint64]struct{}
-	holes       []seqRange
-	total       int64 // sum of segment sizes
-	pend        []chunk
-	pendBytes   int64
-	group       *commitGroup
-	writing     bool    // a group is being written (by the committer or inline)
-	flushBuf    []chunk // scratch for the group being written (guarded by writing)
-	freeBufs    [][]byte
-	lastSync    time.Time
-	dataCh      chan struct{} // closed when readers have something new to look at
-	dataWanted  bool          // a reader holds dataCh
-	spaceCh     chan struct{} // closed when space was freed
-	spaceWanted bool          // an appender holds spaceCh
-	closed      bool
-	dropLast    time.Time // last drop, for logging once per burst
-	dropBurst   uint64    // records dropped in the current burst
-	persisted   uint64    // low-watermark in the ack file
-	st          Stats
+	mu            sync.Mutex
+	segs          []*segment // oldest first
+	active        *segment   // segment receiving appends, nil until the first Append after Open
+	nextSeq       uint64     // seq for the next appended record
+	durSeq        uint64     // last durable seq
+	lowWater      uint64     // every seq below is acknowledged (or lost)
+	acked         map[uint64]struct{}
+	holes         []seqRange
+	total         int64 // sum of segment sizes
+	pend          []chunk
+	pendBytes     int64
+	pendRecs      int       // records in pend
+	pendSince     time.Time // when the first record in pend was queued
+	lastGroupRecs int       // records in the group written last (FsyncBatch gathers up to this many)
+	group         *commitGroup
+	writing       bool    // a group is being written (by the committer or inline)
+	flushBuf      []chunk // scratch for the group being written (guarded by writing)
+	freeBufs      [][]byte
+	dataCh        chan struct{} // closed when readers have something new to look at
+	dataWanted    bool          // a reader holds dataCh
+	spaceCh       chan struct{} // closed when space was freed
+	spaceWanted   bool          // an appender holds spaceCh
+	closed        bool
+	dropLast      time.Time // last drop, for logging once per burst
+	dropBurst     uint64    // records dropped in the current burst
+	persisted     uint64    // low-watermark in the ack file
+	st            Stats
 
 	kick    chan struct{}
 	closing chan struct{}
