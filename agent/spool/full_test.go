@@ -298,3 +298,29 @@ func TestConcurrentDropOldest(t *testing.T) {
 		t.Fatalf("Next returned %d records, Stats says %d", len(recs), st.Records)
 	}
 }
+
+// TestAppendDirNotWritable: the dir becomes unwritable while the spool is
+// open (chattr +i, which binds root too); the Append that needs a new segment
+// fails naming the dir and the cause, and the durable records stay readable.
+func TestAppendDirNotWritable(t *testing.T) {
+	dir := t.TempDir()
+	s := openT(t, dir, Options{Fsync: FsyncBatch, MaxBytes: 1 << 20, SegmentBytes: 4 << 10})
+	appendN(t, s, 30, 100) // fills the first segment
+	if out, err := exec.Command("chattr", "+i", dir).CombinedOutput(); err != nil {
+		t.Fatalf("chattr +i %s: %v: %s (needs root and ext4)", dir, err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", dir).Run() })
+	var err error
+	for i := 31; i < 100 && err == nil; i++ {
+		_, err = s.Append(context.Background(), payload(uint64(i), 100))
+	}
+	if !errors.Is(err, syscall.EPERM) || !strings.Contains(err.Error(), dir) || !strings.Contains(err.Error(), "not writable") {
+		t.Fatalf("Append into an immutable dir = %v; want EPERM naming %s", err, dir)
+	}
+	st := s.Stats()
+	checkRecords(t, drain(t, s), seqRangeList(1, st.Appended), 100)
+	must(t, exec.Command("chattr", "-i", dir).Run())
+	if q, err := s.Append(context.Background(), payload(st.Appended+1, 100)); err != nil || q != st.Appended+1 {
+		t.Fatalf("Append once writable again = %d, %v", q, err)
+	}
+}
