@@ -94,6 +94,12 @@ func (c *Client) dial(ctx context.Context, ep endpoint) (*session, error) {
 	c.mu.Unlock()
 	if err := waitToken(actx, s.pc.Connect()); err != nil {
 		s.abort(err)
+		if s.tlsState != nil && s.tlsState.DidResume {
+			// A broker may refuse a resumed session's login (RabbitMQ with
+			// session tickets: CONNACK 4). Forget the ticket so that the
+			// next attempt is a full handshake with the certificate.
+			s.forgetSession()
+		}
 		if s.tlsState != nil && c.opts.ExplainError != nil {
 			return nil, c.opts.ExplainError(ep.u.Host, err, true)
 		}
@@ -118,6 +124,23 @@ func (c *Client) dial(ctx context.Context, ep endpoint) (*session, error) {
 	return s, nil
 }
 
+// forgetSession drops the cached TLS session for this broker.
+func (s *session) forgetSession() {
+	cfg := s.c.opts.TLS
+	if cfg == nil || cfg.ClientSessionCache == nil {
+		return
+	}
+	cfg.ClientSessionCache.Put(s.serverName(), nil)
+}
+
+// serverName is the name the TLS handshake checks (and the session cache key).
+func (s *session) serverName() string {
+	if s.c.opts.TLS != nil && s.c.opts.TLS.ServerName != "" {
+		return s.c.opts.TLS.ServerName
+	}
+	return s.url.Hostname()
+}
+
 // open is paho's dial function: TCP, then the TLS handshake, then the
 // coalescing layer.
 func (s *session) open(ctx context.Context) (net.Conn, error) {
@@ -129,9 +152,7 @@ func (s *session) open(ctx context.Context) (net.Conn, error) {
 	var conn net.Conn = raw
 	if s.ep.secure {
 		cfg := s.c.opts.TLS.Clone() // shares the session cache: reconnects resume
-		if cfg.ServerName == "" {
-			cfg.ServerName = s.url.Hostname()
-		}
+		cfg.ServerName = s.serverName()
 		tc := tls.Client(raw, cfg)
 		if err := tc.HandshakeContext(ctx); err != nil {
 			raw.Close()
