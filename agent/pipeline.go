@@ -591,7 +591,7 @@ func (p *Pipeline) waitDrained(ctx context.Context) {
 	idle, reads := 0, p.reads.Load()
 	for {
 		r := p.reads.Load()
-		if p.inflight.Load() == 0 && p.inNext.Load() && !p.rewind.Load() && p.failedGen.Load() < 0 && r == reads {
+		if p.inflight.Load() == 0 && p.inNext.Load() && !p.rewind.Load() && p.failedGen.Load() < 0 && r == reads && p.spoolSettled() {
 			idle++
 			if idle >= 3 {
 				return
@@ -605,6 +605,19 @@ func (p *Pipeline) waitDrained(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// spoolSettled reports whether the drain has nothing left to wait for in
+// the spool: every record is acknowledged, or no broker is connected (what
+// is left is sent after the next start). Without this check a group commit
+// still waiting for its fsync looked like an empty spool and the drain ended
+// with records unpublished.
+func (p *Pipeline) spoolSettled() bool {
+	st, ok := p.q.(interface{ Stats() spool.Stats })
+	if !ok {
+		return true
+	}
+	return st.Stats().Records == 0 || !p.pub.Connected()
 }
 
 func sleep(ctx context.Context, d time.Duration) {
