@@ -15,7 +15,7 @@ BIN=$ROOT/bin/tpmagent
 [ -x "$BIN" ] || make -s build
 D=$(mktemp -d /tmp/tpmagent-bench.XXXXXX)
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$D"; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$D"; }
 trap cleanup EXIT INT TERM
 
 if [ "${BENCH_GO:-1}" = 1 ]; then
@@ -57,7 +57,7 @@ telemetry: { socket: $D/telemetry.sock, inflight: 1024 }
 status: { socket: $D/status.sock }
 spool: { dir: $D/spool, fsync: batch }
 seal: { collector_key: $D/collector.key.pub }
-log: { level: warn }
+log: { level: ${BENCH_LOG_LEVEL:-warn} }
 YAML
 A=("$BIN" --config "$D/agent.yaml")
 "${A[@]}" key create >/dev/null
@@ -107,7 +107,9 @@ run_case() {
 	for _ in $(seq 1 100); do [ -f "$D/ready" ] && break; sleep 0.05; done
 	local t0 t1
 	t0=$(now)
-	"$@" >"$D/out-$name.json"
+	if ! "$@" >"$D/out-$name.json" 2>"$D/err-$name.log"; then
+		echo "bench: $name failed: $(tail -3 "$D/err-$name.log")" >&2
+	fi
 	t1=$(now)
 	wait $sp || true
 	SEC[$name]=$(calc "$t1 - $t0")
@@ -121,10 +123,12 @@ run_case mosquitto_pub_q0 bench/ref "$N" -- mosquitto_pub -h 127.0.0.1 -p "$BROK
 run_case paho_q1 bench/ref "$N" -- "$D/benchtool" paho-pub -url "$URL" -ca "$D/pki/ca.pem" -cert "$D/pki/bench-ref.pem" \
 	-key "$D/pki/bench-ref.key" -id bench-ref -qos 1 -n "$N" -size "$SIZE" -window 1000
 T="devices/bench-device/telemetry/#"
-run_case agent_q0 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 0 --size "$SIZE" --batch 1 --json
-run_case agent_q1 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --json
-run_case agent_q1_b64 "$T" $(((N + 63) / 64)) -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 64 --json
-run_case agent_q1_seal "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --seal --json
+# BENCH_PROFILE_DIR=DIR: CPU profiles of the tpmagent runs (go tool pprof bin/tpmagent DIR/NAME.prof)
+prof() { [ -n "${BENCH_PROFILE_DIR:-}" ] && mkdir -p "$BENCH_PROFILE_DIR" && echo "--cpuprofile=$BENCH_PROFILE_DIR/$1.prof"; true; }
+run_case agent_q0 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 0 --size "$SIZE" --batch 1 --json $(prof agent_q0)
+run_case agent_q1 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --json $(prof agent_q1)
+run_case agent_q1_b64 "$T" $(((N + 63) / 64)) -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 64 --json $(prof agent_q1_b64)
+run_case agent_q1_seal "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --seal --json $(prof agent_q1_seal)
 
 rate() { calc "${MSGS[$1]:-0} / ${SEC[$1]}"; }
 rrate() { calc "${READS[$1]:-0} / ${SEC[$1]}"; }

@@ -3,6 +3,8 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"os"
+	"runtime/pprof"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -21,6 +23,7 @@ func (a *app) newBenchCmd() *cobra.Command {
 		fsync   string
 		encName string
 		asJSON  bool
+		cpuProf string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
@@ -46,6 +49,17 @@ a subscriber can check that every one arrived.`,
 			if o.Encoder, err = batch.NewEncoder(encName); err != nil {
 				return usagef("bench: --encoding %q: %v", encName, err)
 			}
+			if cpuProf != "" {
+				f, err := os.Create(cpuProf)
+				if err != nil {
+					return fmt.Errorf("bench: --cpuprofile: %w", err)
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("bench: --cpuprofile: %w", err)
+				}
+				defer pprof.StopCPUProfile()
+			}
 			res, err := daemon.Bench(cmd.Context(), cfg, a.logger(cfg), o)
 			if err != nil {
 				return err
@@ -67,6 +81,7 @@ a subscriber can check that every one arrived.`,
 	f.StringVar(&encName, "encoding", "json", "batch encoding: json or cbor")
 	f.BoolVar(&o.Seal, "seal", false, "seal every batch end to end (HPKE session to a throwaway collector key)")
 	f.BoolVar(&asJSON, "json", false, "print one JSON object")
+	f.StringVar(&cpuProf, "cpuprofile", "", "write a CPU profile to this file (go tool pprof)")
 	return cmd
 }
 

@@ -14,7 +14,6 @@ import (
 	"bytes"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
@@ -117,6 +116,8 @@ func pahoPub(args []string) error {
 	return nil
 }
 
+var nameKey = []byte(`"name":`)
+
 func countSub(args []string) error {
 	fs := flag.NewFlagSet("count-sub", flag.ExitOnError)
 	var c common
@@ -141,11 +142,13 @@ func countSub(args []string) error {
 		last.Store(now)
 		m1 := msgs.Add(1)
 		p := m.Payload()
+		// A JSON batch counts as many readings as it has "name" members:
+		// cheap enough that the subscriber does not limit the publisher
+		// it measures (a full json.Unmarshal per message did).
 		r := int64(1)
 		if len(p) > 0 && p[0] == '[' {
-			var arr []json.RawMessage
-			if json.Unmarshal(p, &arr) == nil {
-				r = int64(len(arr))
+			if n := bytes.Count(p, nameKey); n > 0 {
+				r = int64(n)
 			}
 		}
 		r1 := rds.Add(r)
