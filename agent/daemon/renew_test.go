@@ -3,6 +3,7 @@ package daemon
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -45,7 +46,7 @@ type renewLab struct {
 	sw       *testenv.Swtpm
 	cfg      *config.Config
 	first    *x509.Certificate // the enrolment certificate
-	firstPub any
+	firstPub crypto.PublicKey
 	stopCA   func()
 }
 
@@ -378,6 +379,22 @@ func (l *renewLab) renewalStatus() RenewalStatus {
 	return *st
 }
 
+// quietStatus waits until no renewal runs or is about to start (so that the
+// agent can be stopped with that status on disk) and returns the status.
+func (l *renewLab) quietStatus() RenewalStatus {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st := l.renewalStatus()
+		if st.State != RenewalRunning && time.Until(st.NextAttempt) > 3*time.Second {
+			return st
+		}
+		if time.Now().After(deadline) {
+			l.t.Fatalf("renewal never quiet: %+v", st)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
 func (l *renewLab) agentStatus() status.Snapshot {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -407,7 +424,7 @@ func waitAll(t *testing.T, sub *seqSubscriber, n int, d time.Duration) {
 // tpmKeys opens the device's TPM (the agent must be stopped: swtpm serves one
 // client) and returns the public keys at tpm.key_handle and
 // enrol.renew_handle (nil when empty).
-func (l *renewLab) tpmKeys() map[uint32]any {
+func (l *renewLab) tpmKeys() map[uint32]crypto.PublicKey {
 	t := l.t
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -417,7 +434,7 @@ func (l *renewLab) tpmKeys() map[uint32]any {
 		t.Fatal(err)
 	}
 	defer tp.Close()
-	out := map[uint32]any{}
+	out := map[uint32]crypto.PublicKey{}
 	for _, h := range []uint32{uint32(l.cfg.TPM.KeyHandle), uint32(l.cfg.Enrol.RenewHandle)} {
 		present, err := tp.KeyPresent(ctx, h)
 		if err != nil {
@@ -453,8 +470,8 @@ func certFileLeaf(t *testing.T, path string) *x509.Certificate {
 	return c
 }
 
-func samePub(a, b any) bool {
-	k, ok := a.(interface{ Equal(x any) bool })
+func samePub(a, b crypto.PublicKey) bool {
+	k, ok := a.(interface{ Equal(crypto.PublicKey) bool })
 	return ok && b != nil && k.Equal(b)
 }
 
@@ -487,7 +504,7 @@ func TestRenewalWhilePublishing(t *testing.T) {
 	}
 	n := snd.wait(t)
 	waitAll(t, sub, n, 30*time.Second)
-	st := l.renewalStatus()
+	st := l.quietStatus()
 	snap := l.agentStatus()
 	t.Logf("%d readings sent at 1000/s over %.0f s, all %d received; renewals %d, reconnects %d, TPM signatures %d; status %+v",
 		n, float64(n)/1000, sub.distinct(), st.Renewals, snap.Reconnects, snap.TPMSignatures, st)
@@ -611,6 +628,7 @@ func TestRenewalCADown(t *testing.T) {
 	}
 	n := snd.wait(t)
 	waitAll(t, sub, n, 30*time.Second)
+	st = l.quietStatus()
 	snap = l.agentStatus()
 	if snap.Reconnects != st.Renewals {
 		t.Fatalf("%d reconnects for %d renewals", snap.Reconnects, st.Renewals)
