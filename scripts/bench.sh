@@ -17,6 +17,8 @@ D=$(mktemp -d /tmp/tpmagent-bench.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; [ "${BENCH_KEEP:-0}" = 1 ] || rm -rf "$D"; }
 trap cleanup EXIT INT TERM
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 if [ "${BENCH_GO:-1}" = 1 ]; then
 	echo "## Go benchmarks"
@@ -30,23 +32,11 @@ fi
 
 go build -o "$D/benchtool" ./internal/cmd/benchtool
 
-free_port() {
-	local p
-	for _ in $(seq 1 100); do
-		p=$((10000 + RANDOM % 22000)) # below the ephemeral port range
-		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then echo "$p"; return; fi
-	done
-	exit 1
-}
-wait_port() { for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
 # swtpm + device key + certificate
-TPM_PORT=$(free_port)
 mkdir -p "$D/tpm" "$D/pki"
-swtpm socket --tpm2 --server type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 \
-	--tpmstate dir="$D/tpm" --flags not-need-init,startup-clear >"$D/swtpm.log" 2>&1 &
-pids+=($!)
-wait_port "$TPM_PORT"
+start_swtpm "$D/tpm" "$D/swtpm.log"
+TPM_PORT=$SWTPM_PORT
 BROKER_PORT=$(free_port)
 cat >"$D/agent.yaml" <<YAML
 device_id: bench-device
@@ -68,25 +58,7 @@ bash scripts/lab-pki.sh client "$D/pki" bench-sub
 bash scripts/lab-pki.sh client "$D/pki" bench-ref
 "${A[@]}" collector keygen -o "$D/collector.key" >/dev/null 2>&1 || true
 
-cat >"$D/mosquitto.conf" <<CONF
-user root
-per_listener_settings false
-allow_anonymous false
-persistence false
-max_queued_messages 0
-max_inflight_messages 0
-set_tcp_nodelay true
-log_dest file $D/mosquitto.log
-listener $BROKER_PORT 127.0.0.1
-cafile $D/pki/ca.pem
-certfile $D/pki/server.pem
-keyfile $D/pki/server.key
-require_certificate true
-use_identity_as_username true
-CONF
-mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
-pids+=($!)
-wait_port "$BROKER_PORT"
+start_mosquitto "$D" "$BROKER_PORT" "$D/pki/ca.pem" "$D/pki/server.pem" "$D/pki/server.key"
 URL=mqtts://127.0.0.1:$BROKER_PORT
 SUB=("$D/benchtool" count-sub -url "$URL" -ca "$D/pki/ca.pem" -cert "$D/pki/bench-sub.pem" -key "$D/pki/bench-sub.key" -id bench-sub -idle 10s)
 

@@ -41,24 +41,9 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
-free_port() { # a port p with p and p+1 free on 127.0.0.1
-	local p
-	for _ in $(seq 1 100); do
-		p=$((10000 + RANDOM % 22000)) # below the ephemeral port range
-		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then
-			echo "$p"
-			return
-		fi
-	done
-	echo "demo-ota: no free port" >&2
-	exit 1
-}
-wait_port() {
-	for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done
-	echo "demo-ota: nothing listens on 127.0.0.1:$1" >&2
-	return 1
-}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$D"
@@ -78,11 +63,8 @@ cp "$D/releases/tpmagent-1.0.0" "$D/slots/slot-a"
 TOOL=$D/releases/tpmagent-1.0.0 # release-side commands
 
 step "swtpm, lab PKI, TLS mosquitto; device key and CSR made inside the TPM"
-TPM_PORT=$(free_port)
-swtpm socket --tpm2 --server type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 \
-	--tpmstate dir="$D/tpm" --flags not-need-init,startup-clear >"$D/swtpm.log" 2>&1 &
-pids+=($!)
-wait_port "$TPM_PORT"
+start_swtpm "$D/tpm" "$D/swtpm.log"
+TPM_PORT=$SWTPM_PORT
 BROKER_PORT=$(free_port)
 cat >"$D/agent.yaml" <<YAML
 device_id: $DEVICE
@@ -119,23 +101,7 @@ YAML
 bash scripts/lab-pki.sh init "$D/pki" >/dev/null
 bash scripts/lab-pki.sh sign "$D/pki" "$D/pki/device.csr" "$D/pki/device.pem"
 bash scripts/lab-pki.sh client "$D/pki" release-backend
-cat >"$D/mosquitto.conf" <<CONF
-user root
-per_listener_settings false
-allow_anonymous false
-persistence false
-set_tcp_nodelay true
-log_dest file $D/mosquitto.log
-listener $BROKER_PORT 127.0.0.1
-cafile $D/pki/ca.pem
-certfile $D/pki/server.pem
-keyfile $D/pki/server.key
-require_certificate true
-use_identity_as_username true
-CONF
-mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
-pids+=($!)
-wait_port "$BROKER_PORT"
+start_mosquitto "$D" "$BROKER_PORT" "$D/pki/ca.pem" "$D/pki/server.pem" "$D/pki/server.key"
 echo "swtpm://127.0.0.1:$TPM_PORT, mqtts://127.0.0.1:$BROKER_PORT"
 
 # The launcher: what a device's init does. active-slot.sh execs the binary of the

@@ -31,24 +31,9 @@ cleanup() {
 	wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
-free_port() { # a port p with p and p+1 free on 127.0.0.1
-	local p
-	for _ in $(seq 1 100); do
-		p=$((10000 + RANDOM % 22000)) # below the ephemeral port range
-		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then
-			echo "$p"
-			return
-		fi
-	done
-	echo "demo: no free port" >&2
-	exit 1
-}
-wait_port() {
-	for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done
-	echo "demo: nothing listens on 127.0.0.1:$1" >&2
-	return 1
-}
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 rm -rf "$D"
@@ -56,11 +41,8 @@ mkdir -p "$D/tpm" "$D/pki" "$D/spool"
 chmod 700 "$D"
 
 step "swtpm (TPM 2.0 emulator) on a free loopback port"
-TPM_PORT=$(free_port)
-swtpm socket --tpm2 --server type=tcp,port=$TPM_PORT,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((TPM_PORT + 1)),bindaddr=127.0.0.1 \
-	--tpmstate dir="$D/tpm" --flags not-need-init,startup-clear >"$D/swtpm.log" 2>&1 &
-pids+=($!)
-wait_port "$TPM_PORT"
+start_swtpm "$D/tpm" "$D/swtpm.log"
+TPM_PORT=$SWTPM_PORT
 echo "swtpm://127.0.0.1:$TPM_PORT"
 
 BROKER_PORT=$(free_port)
@@ -92,24 +74,7 @@ bash scripts/lab-pki.sh sign "$D/pki" "$D/pki/device.csr" "$D/pki/device.pem"
 bash scripts/lab-pki.sh client "$D/pki" demo-subscriber
 
 step "TLS mosquitto (require_certificate true, use_identity_as_username true) on 127.0.0.1:$BROKER_PORT"
-cat >"$D/mosquitto.conf" <<CONF
-user root
-per_listener_settings false
-allow_anonymous false
-persistence false
-max_queued_messages 0
-set_tcp_nodelay true
-log_dest file $D/mosquitto.log
-listener $BROKER_PORT 127.0.0.1
-cafile $D/pki/ca.pem
-certfile $D/pki/server.pem
-keyfile $D/pki/server.key
-require_certificate true
-use_identity_as_username true
-CONF
-mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
-pids+=($!)
-wait_port "$BROKER_PORT"
+start_mosquitto "$D" "$BROKER_PORT" "$D/pki/ca.pem" "$D/pki/server.pem" "$D/pki/server.key"
 
 step "handshake, step by step (twice: the second resumes without a TPM signature)"
 "${A[@]}" handshake --repeat 2

@@ -20,18 +20,9 @@ cleanup() {
 	[ "${KEEP:-0}" = 1 ] || rm -rf "$D"
 }
 trap cleanup EXIT INT TERM
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
-free_port() {
-	local p
-	for _ in $(seq 1 200); do
-		# below the ephemeral range (ip_local_port_range starts at 32768), so
-		# the agents' outgoing connections cannot take a port between pick and bind
-		p=$((10000 + RANDOM % 22000))
-		if ! (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null && ! (exec 3<>/dev/tcp/127.0.0.1/$((p + 1))) 2>/dev/null; then echo "$p"; return; fi
-	done
-	exit 1
-}
-wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.05; done; return 1; }
 
 BROKER_PORT=$(free_port)
 t0=$(date +%s.%N)
@@ -44,26 +35,7 @@ go build -o "$D/benchtool" ./internal/cmd/benchtool
 bash scripts/lab-pki.sh client "$F/ca" fleet-sub
 cp "$F/mosquitto.acl" "$D/mosquitto.acl"
 printf '\nuser fleet-sub\ntopic read devices/#\n' >>"$D/mosquitto.acl"
-cat >"$D/mosquitto.conf" <<CONF
-user root
-per_listener_settings false
-allow_anonymous false
-persistence false
-max_queued_messages 0
-max_inflight_messages 0
-set_tcp_nodelay true
-log_dest file $D/mosquitto.log
-listener $BROKER_PORT 127.0.0.1
-cafile $F/ca/ca.pem
-certfile $F/ca/broker.pem
-keyfile $F/ca/broker.key
-require_certificate true
-use_identity_as_username true
-acl_file $D/mosquitto.acl
-CONF
-mosquitto -c "$D/mosquitto.conf" >"$D/mosquitto.out" 2>&1 &
-pids+=($!)
-wait_port "$BROKER_PORT" || { echo "fleet-test: mosquitto did not start:"; cat "$D/mosquitto.out"; exit 1; }
+start_mosquitto "$D" "$BROKER_PORT" "$F/ca/ca.pem" "$F/ca/broker.pem" "$F/ca/broker.key" "acl_file $D/mosquitto.acl"
 
 TOTAL=$((N * READINGS))
 "$D/benchtool" count-sub -url "mqtts://127.0.0.1:$BROKER_PORT" -ca "$F/ca/ca.pem" -cert "$F/ca/fleet-sub.pem" -key "$F/ca/fleet-sub.key" \
@@ -75,20 +47,8 @@ echo "fleet-test: starting $N swtpm + $N agents"
 agents=()
 for dir in "$F"/devices/*/; do
 	id=$(basename "$dir")
-	started=0
-	for attempt in 1 2 3 4 5; do
-		p=$(free_port)
-		swtpm socket --tpm2 --server type=tcp,port=$p,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((p + 1)),bindaddr=127.0.0.1 \
-			--tpmstate dir="$dir/tpm" --flags not-need-init,startup-clear >"$dir/swtpm-run.log" 2>&1 &
-		sp=$!
-		if wait_port "$p" && kill -0 "$sp" 2>/dev/null; then
-			pids+=($sp)
-			started=1
-			break
-		fi
-		kill "$sp" 2>/dev/null || true
-	done
-	[ $started = 1 ] || { echo "fleet-test: swtpm for $id did not start:"; tail -5 "$dir/swtpm-run.log"; exit 1; }
+	start_swtpm "$dir/tpm" "$dir/swtpm-run.log" || { echo "fleet-test: swtpm for $id did not start"; exit 1; }
+	p=$SWTPM_PORT
 	TPMAGENT_TPM_DEVICE=swtpm://127.0.0.1:$p TPMAGENT_LOG_LEVEL=warn "$BIN" run --config "$dir/agent.yaml" >"$dir/agent.log" 2>&1 &
 	pids+=($!)
 	agents+=("$id:$!")
