@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
@@ -11,7 +12,9 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tpmagent/tpmagent/agent/config"
+	"github.com/tpmagent/tpmagent/agent/daemon"
 	"github.com/tpmagent/tpmagent/agent/identity"
+	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/fleet"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 	"github.com/tpmagent/tpmagent/transport"
@@ -86,13 +89,13 @@ With --challenge FILE it answers the CA's credential activation challenge
 func (a *app) newCertCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "cert",
-		Short: "Show the device certificate's renewal state, request a certificate from the fleet CA service",
+		Short: "Show the device certificate's renewal state, request or renew a certificate from the fleet CA service",
 		Args:  cobra.NoArgs,
 		RunE: func(*cobra.Command, []string) error {
-			return usagef("cert: give a subcommand: status or request (tpmagent cert --help)")
+			return usagef("cert: give a subcommand: status, request or renew (tpmagent cert --help)")
 		},
 	}
-	cmd.AddCommand(a.newCertStatusCmd(), a.newCertRequestCmd())
+	cmd.AddCommand(a.newCertStatusCmd(), a.newCertRequestCmd(), a.newCertRenewCmd())
 	return cmd
 }
 
@@ -113,17 +116,39 @@ func (a *app) newCertStatusCmd() *cobra.Command {
 			}
 			c := certs[0]
 			renew := fleet.RenewAt(c, 0)
+			handle, err := identity.ActiveKeyHandle(cfg)
+			if err != nil {
+				return err
+			}
 			st := map[string]any{
 				"subject": c.Subject.CommonName, "serial": c.SerialNumber.Text(16),
 				"not_before": c.NotBefore.UTC().Format(time.RFC3339), "not_after": c.NotAfter.UTC().Format(time.RFC3339),
 				"renew_at": renew.UTC().Format(time.RFC3339), "renewal_due": !time.Now().Before(renew),
-				"expired": time.Now().After(c.NotAfter),
+				"expired": time.Now().After(c.NotAfter), "key_handle": fmt.Sprintf("0x%08x", handle),
+			}
+			// The running agent's renewal state (state_dir/renewal.json).
+			rs, err := daemon.ReadRenewalStatus(cfg)
+			if err != nil {
+				return err
+			}
+			if rs != nil {
+				st["renewal"] = rs
 			}
 			if jsonOut {
 				return json.NewEncoder(a.stdout).Encode(st)
 			}
-			fmt.Fprintf(a.stdout, "subject:     CN=%s\nserial:      %s\nnot_after:   %s\nrenew_at:    %s\nrenewal_due: %v\n",
-				st["subject"], st["serial"], st["not_after"], st["renew_at"], st["renewal_due"])
+			fmt.Fprintf(a.stdout, "subject:     CN=%s\nserial:      %s\nnot_after:   %s\nrenew_at:    %s\nrenewal_due: %v\nkey_handle:  %s\n",
+				st["subject"], st["serial"], st["not_after"], st["renew_at"], st["renewal_due"], st["key_handle"])
+			if rs != nil {
+				fmt.Fprintf(a.stdout, "renewal:     %s (agent: %d attempts, %d failures, %d renewals", rs.State, rs.Attempts, rs.Failures, rs.Renewals)
+				if !rs.NextAttempt.IsZero() && rs.State != daemon.RenewalStopped {
+					fmt.Fprintf(a.stdout, "; next attempt %s", rs.NextAttempt.UTC().Format(time.RFC3339))
+				}
+				fmt.Fprintln(a.stdout, ")")
+				if rs.LastError != "" {
+					fmt.Fprintf(a.stdout, "last_error:  %s (%s)\n", rs.LastError, rs.LastErrorAt.UTC().Format(time.RFC3339))
+				}
+			}
 			return nil
 		},
 	}
@@ -198,6 +223,145 @@ $fleet topics.`,
 	f.StringVar(&bootKey, "bootstrap-key", "", "private key file of --bootstrap-cert")
 	f.DurationVar(&timeout, "timeout", 30*time.Second, "time to wait for each answer of the CA service")
 	return cmd
+}
+
+func (a *app) newCertRenewCmd() *cobra.Command {
+	var (
+		timeout time.Duration
+		jsonOut bool
+	)
+	cmd := &cobra.Command{
+		Use:   "renew [--timeout D] [--json]",
+		Short: "Renew the device certificate now: new TPM key, certificate from the fleet CA service, switch",
+		Long: `renew forces one certificate renewal, the same that ` + "`tpmagent run`" + ` starts by
+itself at 2/3 of the certificate's lifetime: a new key in the TPM at the other
+handle of the pair (tpm.key_handle, enrol.renew_handle), attested and
+certified by ` + "`tpmagent fleet ca serve`" + ` over MQTT, proven in a handshake with
+the broker; then broker.cert_file is replaced (the old one kept as
+broker.cert_file.prev), state_dir/identity.json names the new handle, and the
+old key is evicted from the TPM.
+
+When the agent is running (its status.socket answers), renew asks it to do
+the renewal (it writes state_dir/renew.request; the agent switches without
+restarting, with one broker reconnect) and waits for the result. Otherwise it
+renews itself, with the TPM and the current certificate. On failure the old
+key and certificate stay in use; the exit code is 1.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := a.loadConfig(cmd)
+			if err != nil {
+				return err
+			}
+			if err := cfg.RequireDeviceID(); err != nil {
+				return err
+			}
+			if err := cfg.RequireBroker(); err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+			defer cancel()
+			var res certRenewResult
+			if agentRunning(ctx, cfg) {
+				res, err = renewThroughAgent(ctx, cfg)
+			} else {
+				res, err = a.renewHere(ctx, cfg)
+			}
+			if err != nil {
+				return err
+			}
+			if jsonOut {
+				return json.NewEncoder(a.stdout).Encode(res)
+			}
+			fmt.Fprintf(a.stdout, "certificate renewed by %s: serial %s valid until %s, key at %s (the key at %s was removed); %s written, old certificate in %s.prev\n",
+				res.By, res.Serial, res.NotAfter.UTC().Format(time.RFC3339), res.KeyHandle, res.PreviousKeyHandle, cfg.Broker.CertFile, cfg.Broker.CertFile)
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 2*time.Minute, "give up after this long")
+	cmd.Flags().BoolVar(&jsonOut, "json", false, "print JSON")
+	return cmd
+}
+
+// certRenewResult is what `cert renew` prints.
+type certRenewResult struct {
+	By                string    `json:"renewed_by"` // "running agent" or "this command"
+	Serial            string    `json:"serial"`
+	NotAfter          time.Time `json:"not_after"`
+	KeyHandle         string    `json:"key_handle"`
+	PreviousKeyHandle string    `json:"previous_key_handle"`
+	PreviousSerial    string    `json:"previous_serial"`
+}
+
+// agentRunning reports whether the agent's status socket answers.
+func agentRunning(ctx context.Context, cfg *config.Config) bool {
+	if cfg.Status.Socket == "" {
+		return false
+	}
+	sctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	_, err := status.Fetch(sctx, cfg.Status.Socket)
+	return err == nil
+}
+
+// renewThroughAgent drops a renewal request for the running agent and waits
+// for its answer in state_dir/renewal.json.
+func renewThroughAgent(ctx context.Context, cfg *config.Config) (certRenewResult, error) {
+	if rs, err := daemon.ReadRenewalStatus(cfg); err == nil && rs != nil && rs.State == daemon.RenewalDisabled {
+		return certRenewResult{}, fmt.Errorf("cert renew: the running agent has renewal off (no TPM key, or enrol.renew_handle not set): see its log")
+	}
+	id, err := daemon.RequestRenewal(cfg)
+	if err != nil {
+		return certRenewResult{}, err
+	}
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			_ = os.Remove(filepath.Join(cfg.StateDir, daemon.RenewalRequestFile))
+			return certRenewResult{}, fmt.Errorf("cert renew: the running agent did not finish the renewal in time (request %s in %s): see `tpmagent cert status` and the agent's log", id, cfg.StateDir)
+		case <-t.C:
+		}
+		rs, err := daemon.ReadRenewalStatus(cfg)
+		if err != nil || rs == nil || rs.LastRequest != id {
+			continue
+		}
+		if rs.LastRequestResult != "ok" {
+			return certRenewResult{}, fmt.Errorf("cert renew: the running agent's renewal failed (it keeps the old key and certificate and retries): %s", rs.LastRequestResult)
+		}
+		prev, _ := identity.ReadState(cfg)
+		res := certRenewResult{By: "the running agent", Serial: rs.CertSerial, NotAfter: rs.CertNotAfter, KeyHandle: rs.KeyHandle, PreviousSerial: rs.PreviousSerial}
+		if prev != nil {
+			res.PreviousKeyHandle = prev.PreviousKeyHandle
+		}
+		return res, nil
+	}
+}
+
+// renewHere renews with the TPM and certificate of this configuration (no
+// agent running).
+func (a *app) renewHere(ctx context.Context, cfg *config.Config) (certRenewResult, error) {
+	log := a.logger(cfg)
+	id, err := identity.Open(ctx, cfg, false, log)
+	if err != nil {
+		return certRenewResult{}, err
+	}
+	defer id.Close()
+	cur, err := transport.NewTLSConfig(transport.TLSOptions{Signer: id.Signer, CertFile: cfg.Broker.CertFile,
+		CAFile: cfg.Broker.CAFile, ServerName: cfg.Broker.ServerName, MinTLS: cfg.Broker.MinTLS, Logger: log})
+	if err != nil {
+		return certRenewResult{}, err
+	}
+	ren, err := daemon.Renew(ctx, daemon.RenewOptions{Config: cfg, TPM: id.TPM, CurrentHandle: id.Key.Handle(), Current: cur, Logger: log})
+	if err != nil {
+		return certRenewResult{}, err
+	}
+	defer ren.Key.Close()
+	if err := ren.DropOldKey(ctx, id.Key); err != nil {
+		fmt.Fprintf(a.stderr, "tpmagent: warning: %v\n", err)
+	}
+	return certRenewResult{By: "this command", Serial: ren.Cert.SerialNumber.Text(16), NotAfter: ren.Cert.NotAfter,
+		KeyHandle: fmt.Sprintf("0x%08x", ren.NewHandle), PreviousKeyHandle: fmt.Sprintf("0x%08x", ren.OldHandle), PreviousSerial: ren.OldSerial}, nil
 }
 
 // enrolTLS builds the client TLS config for the enrolment connection.
