@@ -47,6 +47,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/tpmagent/tpmagent/agent/config"
@@ -107,7 +108,20 @@ type RenewalStatus struct {
 	// handled, LastRequestResult "ok" or its error.
 	LastRequest       string    `json:"last_request,omitempty"`
 	LastRequestResult string    `json:"last_request_result,omitempty"`
-	UpdatedAt         time.Time `json:"updated_at"`
+	// PID is the agent's process id (`cert renew` must not renew behind the
+	// back of a running agent).
+	PID       int       `json:"pid"`
+	UpdatedAt time.Time `json:"updated_at"`
+}
+
+// AgentAlive reports whether the agent that wrote st may still be running:
+// its loop has not stopped and its process exists.
+func (st *RenewalStatus) AgentAlive() bool {
+	if st == nil || st.State == RenewalStopped || st.PID <= 0 {
+		return false
+	}
+	p, err := os.FindProcess(st.PID)
+	return err == nil && p.Signal(syscall.Signal(0)) == nil
 }
 
 // RenewalStatusPath returns state_dir/renewal.json.
@@ -416,6 +430,7 @@ func (r *renewalState) signatures() uint64 {
 func (r *renewalState) update(log *slog.Logger, fn func(*RenewalStatus)) {
 	r.mu.Lock()
 	fn(&r.status)
+	r.status.PID = os.Getpid()
 	r.status.UpdatedAt = time.Now().UTC()
 	b, _ := json.MarshalIndent(r.status, "", "  ")
 	path := r.path

@@ -263,6 +263,10 @@ key and certificate stay in use; the exit code is 1.`,
 			var res certRenewResult
 			if agentRunning(ctx, cfg) {
 				res, err = renewThroughAgent(ctx, cfg)
+			} else if rs, _ := daemon.ReadRenewalStatus(cfg); rs.AgentAlive() {
+				// Renewing here would evict the key the agent signs with.
+				return fmt.Errorf("cert renew: the agent (pid %d) seems to be running but its status.socket %q does not answer: "+
+					"set status.socket so that it can be asked to renew, or stop it first", rs.PID, cfg.Status.Socket)
 			} else {
 				res, err = a.renewHere(ctx, cfg)
 			}

@@ -167,6 +167,27 @@ metrics: { listen: "" }
 	if err := <-done; err != nil {
 		t.Fatalf("agent: %v", err)
 	}
+	for i := 0; ; i++ {
+		rs, _ := daemon.ReadRenewalStatus(cfg)
+		if rs != nil && rs.State == daemon.RenewalStopped {
+			break
+		}
+		if i > 100 {
+			t.Fatalf("the stopped agent's renewal state: %+v", rs)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// An agent that is alive but has no status socket: refused, not renewed
+	// behind its back (it would lose its key).
+	stopped, err := os.ReadFile(daemon.RenewalStatusPath(cfg))
+	must(t, err)
+	alive := strings.Replace(string(stopped), `"state": "stopped"`, `"state": "scheduled"`, 1)
+	must(t, os.WriteFile(daemon.RenewalStatusPath(cfg), []byte(alive), 0o600))
+	if out, err := runCLI(ctx, "cert", "renew", "--config", cfgFile); err == nil || !strings.Contains(err.Error(), "seems to be running") {
+		t.Fatalf("cert renew next to a live agent without status socket: %v\n%s", err, out)
+	}
+	must(t, os.WriteFile(daemon.RenewalStatusPath(cfg), stopped, 0o600))
 
 	// 3. The CA service is down: the command fails, nothing changes.
 	stopCA()
