@@ -106,8 +106,8 @@ type RenewalStatus struct {
 	Reconnected    bool      `json:"reconnected_with_new_key"`
 	// LastRequest is the id of the last `tpmagent cert renew` request
 	// handled, LastRequestResult "ok" or its error.
-	LastRequest       string    `json:"last_request,omitempty"`
-	LastRequestResult string    `json:"last_request_result,omitempty"`
+	LastRequest       string `json:"last_request,omitempty"`
+	LastRequestResult string `json:"last_request_result,omitempty"`
 	// PID is the agent's process id (`cert renew` must not renew behind the
 	// back of a running agent).
 	PID       int       `json:"pid"`
