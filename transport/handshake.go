@@ -318,7 +318,7 @@ func (t *tlsTimingSigner) Sign(r io.Reader, digest []byte, opts crypto.SignerOpt
 			st.Hash += " (PSS)"
 		}
 	}
-	if hd, ok := signerHandle(h.id.opts.Signer); ok {
+	if hd, ok := signerHandle(h.id.Signer()); ok {
 		st.Handle = fmt.Sprintf("0x%08x", hd)
 	}
 	h.tr.CertificateVerify = st

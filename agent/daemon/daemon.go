@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -137,7 +138,7 @@ func (d *daemon) openIdentity(ctx context.Context) error {
 	}
 	d.id = id
 	d.counters.TPMSignatures = id.Signatures
-	d.log.Info("device key loaded", "tpm", d.cfg.TPM.Device, "handle", d.cfg.TPM.KeyHandle.String(), "type", id.Key.Type(), "fingerprint", id.Key.FingerprintSHA256())
+	d.log.Info("device key loaded", "tpm", d.cfg.TPM.Device, "handle", fmt.Sprintf("0x%08x", id.Key.Handle()), "type", id.Key.Type(), "fingerprint", id.Key.FingerprintSHA256())
 	return nil
 }
 
@@ -388,7 +389,10 @@ func (d *daemon) connectionErrors(ctx context.Context) {
 		st := d.client.Stats()
 		if st.LastError != "" && st.LastErrorAt.After(seen) {
 			seen = st.LastErrorAt
-			d.counters.SetError(errors.New(st.LastError))
+			// A reconnect the agent asked for (new certificate) is no error.
+			if !strings.Contains(st.LastError, redialRenewed) {
+				d.counters.SetError(errors.New(st.LastError))
+			}
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/tpmagent/tpmagent/agent/config"
+	"github.com/tpmagent/tpmagent/agent/identity"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 )
 
@@ -39,8 +40,15 @@ The --tpm.* flags override the configuration for one command.`,
 	return cmd
 }
 
+// keySpec names the device key: the handle state_dir/identity.json names
+// after a certificate renewal moved the key to the other handle of the pair,
+// else tpm.key_handle.
 func keySpec(cfg *config.Config) tpmkeys.KeySpec {
-	return tpmkeys.KeySpec{Handle: uint32(cfg.TPM.KeyHandle), SRKHandle: uint32(cfg.TPM.SRKHandle), Type: cfg.TPM.KeyType}
+	h := uint32(cfg.TPM.KeyHandle)
+	if active, err := identity.ActiveKeyHandle(cfg); err == nil {
+		h = active
+	}
+	return tpmkeys.KeySpec{Handle: h, SRKHandle: uint32(cfg.TPM.SRKHandle), Type: cfg.TPM.KeyType}
 }
 
 // keyOpenTPM opens the configured TPM; errors name tpm.device.
