@@ -207,7 +207,7 @@ func Defaults(v *viper.Viper) {
 		"tpm.nv_counter_index":       "0x01500100",
 		"broker.urls":                []string{},
 		"broker.ca_file":             "/etc/tpmagent/ca.pem",
-		"broker.cert_file":           "/etc/tpmagent/device.pem",
+		"broker.cert_file":           "/var/lib/tpmagent/device.pem",
 		"broker.key_file":            "",
 		"broker.server_name":         "",
 		"broker.min_tls":             "1.3",
