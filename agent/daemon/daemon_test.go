@@ -300,6 +300,9 @@ func TestStatusShowsConnectionErrorAndPermissionWarning(t *testing.T) {
 	if snap.Spool.Records == 0 {
 		t.Errorf("readings were not spooled while offline: %+v", snap.Spool)
 	}
+	if c := snap.Certificate; c == nil || c.KeyHandle != "0x81000100" || c.NotAfter.IsZero() || c.RenewAt.IsZero() || c.RenewalState == "" {
+		t.Errorf("status certificate %+v: want the key handle, expiry, renewal time and state", c)
+	}
 	if !strings.Contains(logBuf.String(), "configuration file permissions") || !strings.Contains(logBuf.String(), d.ConfigFile) {
 		t.Errorf("no permission warning naming %s in the log:\n%s", d.ConfigFile, logBuf.String())
 	}

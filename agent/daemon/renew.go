@@ -52,6 +52,7 @@ import (
 
 	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/agent/identity"
+	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/fleet"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 	"github.com/tpmagent/tpmagent/transport"
@@ -443,6 +444,13 @@ func (r *renewalState) update(log *slog.Logger, fn func(*RenewalStatus)) {
 	}
 }
 
+// certificate is the status socket's view of the renewal.
+func (r *renewalState) certificate() status.Certificate {
+	st := r.Status()
+	return status.Certificate{KeyHandle: st.KeyHandle, Serial: st.CertSerial, NotAfter: st.CertNotAfter, RenewAt: st.RenewAt,
+		RenewalState: st.State, Renewals: st.Renewals, Failures: st.Failures}
+}
+
 // startRenewal starts the certificate renewal loop (see the top of this
 // file). It is off for a key file identity and without enrol.renew_handle.
 func (d *daemon) startRenewal(ctx context.Context) error {
@@ -454,6 +462,7 @@ func (d *daemon) startRenewal(ctx context.Context) error {
 	}
 	r.key, r.handle = d.id.Key, d.id.Key.Handle()
 	d.counters.TPMSignatures = r.signatures
+	d.counters.Certificate = r.certificate
 	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("run: state_dir %s: %w", d.cfg.StateDir, err)
 	}

@@ -30,6 +30,8 @@ type Counters struct {
 	TPMSignatures func() uint64
 	// Broker reports the broker currently connected ("" when none).
 	Broker func() string
+	// Certificate reports the device certificate and its renewal.
+	Certificate func() Certificate
 
 	mu      sync.Mutex
 	lastErr string
@@ -64,25 +66,37 @@ func (c *Counters) Start(t time.Time) {
 	c.mu.Unlock()
 }
 
+// Certificate is the device certificate's part of a snapshot.
+type Certificate struct {
+	KeyHandle    string    `json:"key_handle"`
+	Serial       string    `json:"serial"`
+	NotAfter     time.Time `json:"not_after"`
+	RenewAt      time.Time `json:"renew_at"`
+	RenewalState string    `json:"renewal_state"`
+	Renewals     uint64    `json:"renewals"`
+	Failures     uint64    `json:"renewal_failures"`
+}
+
 // Snapshot is the status document served on the status socket.
 type Snapshot struct {
-	Time              time.Time `json:"time"`
-	UptimeSeconds     float64   `json:"uptime_seconds"`
-	ReadingsIn        uint64    `json:"readings_in"`
-	ReadingsRejected  uint64    `json:"readings_rejected"`
-	Batches           uint64    `json:"batches"`
-	MessagesPublished uint64    `json:"messages_published"`
-	MessagesAcked     uint64    `json:"messages_acked"`
-	MessagesFailed    uint64    `json:"messages_failed"`
-	BytesPublished    uint64    `json:"bytes_published"`
-	Reconnects        uint64    `json:"reconnects"`
-	Spool             Spool     `json:"spool"`
-	Drops             uint64    `json:"drops"`
-	TPMSignatures     uint64    `json:"tpm_signatures"`
-	Broker            string    `json:"broker"`
-	Connected         bool      `json:"connected"`
-	LastError         string    `json:"last_error,omitempty"`
-	LastErrorTime     time.Time `json:"last_error_time,omitzero"`
+	Time              time.Time    `json:"time"`
+	UptimeSeconds     float64      `json:"uptime_seconds"`
+	ReadingsIn        uint64       `json:"readings_in"`
+	ReadingsRejected  uint64       `json:"readings_rejected"`
+	Batches           uint64       `json:"batches"`
+	MessagesPublished uint64       `json:"messages_published"`
+	MessagesAcked     uint64       `json:"messages_acked"`
+	MessagesFailed    uint64       `json:"messages_failed"`
+	BytesPublished    uint64       `json:"bytes_published"`
+	Reconnects        uint64       `json:"reconnects"`
+	Spool             Spool        `json:"spool"`
+	Drops             uint64       `json:"drops"`
+	TPMSignatures     uint64       `json:"tpm_signatures"`
+	Broker            string       `json:"broker"`
+	Connected         bool         `json:"connected"`
+	LastError         string       `json:"last_error,omitempty"`
+	LastErrorTime     time.Time    `json:"last_error_time,omitzero"`
+	Certificate       *Certificate `json:"certificate,omitempty"`
 }
 
 // Snapshot reads every counter now.
@@ -109,6 +123,10 @@ func (c *Counters) Snapshot() Snapshot {
 	if c.Broker != nil {
 		s.Broker = c.Broker()
 		s.Connected = s.Broker != ""
+	}
+	if c.Certificate != nil {
+		cert := c.Certificate()
+		s.Certificate = &cert
 	}
 	c.mu.Lock()
 	s.LastError, s.LastErrorTime = c.lastErr, c.lastAt

@@ -46,6 +46,10 @@ func (a *app) newStatusCmd() *cobra.Command {
 			fmt.Fprintf(w, "spool:              %d records, %d bytes, %d dropped\n", s.Spool.Records, s.Spool.Bytes, s.Spool.Dropped)
 			fmt.Fprintf(w, "reconnects:         %d\n", s.Reconnects)
 			fmt.Fprintf(w, "tpm signatures:     %d\n", s.TPMSignatures)
+			if c := s.Certificate; c != nil {
+				fmt.Fprintf(w, "certificate:        serial %s, key %s, expires %s, renewal %s at %s (%d renewals, %d failures)\n",
+					c.Serial, c.KeyHandle, c.NotAfter.Format(time.RFC3339), c.RenewalState, c.RenewAt.Format(time.RFC3339), c.Renewals, c.Failures)
+			}
 			if s.LastError != "" {
 				fmt.Fprintf(w, "last error:         %s (%s)\n", s.LastError, s.LastErrorTime.Format(time.RFC3339))
 			}
