@@ -17,6 +17,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/tpmagent/tpmagent/internal/pemkey"
 )
 
 // CASigner is the fleet CA's signing key and certificate. FileSigner keeps the key in a
@@ -111,37 +113,11 @@ func CertPoolFromFiles(paths ...string) (*x509.CertPool, error) {
 }
 
 func readPrivateKey(path string) (crypto.Signer, error) {
-	b, err := os.ReadFile(path)
+	s, err := pemkey.LoadSigner(path)
 	if err != nil {
-		return nil, fmt.Errorf("fleet: read key: %w", err)
+		return nil, fmt.Errorf("fleet: key: %w", err)
 	}
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		var k any
-		switch blk.Type {
-		case "PRIVATE KEY":
-			k, err = x509.ParsePKCS8PrivateKey(blk.Bytes)
-		case "EC PRIVATE KEY":
-			k, err = x509.ParseECPrivateKey(blk.Bytes)
-		case "RSA PRIVATE KEY":
-			k, err = x509.ParsePKCS1PrivateKey(blk.Bytes)
-		default:
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("fleet: key %s: %w", path, err)
-		}
-		s, ok := k.(crypto.Signer)
-		if !ok {
-			return nil, fmt.Errorf("fleet: key %s: %T cannot sign", path, k)
-		}
-		return s, nil
-	}
-	return nil, fmt.Errorf("fleet: key %s: no PEM private key found", path)
+	return s, nil
 }
 
 // DefaultValidity is the lifetime of a device certificate.

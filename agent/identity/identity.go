@@ -23,6 +23,8 @@ import (
 	"log/slog"
 	"os"
 
+	"github.com/tpmagent/tpmagent/internal/pemkey"
+
 	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 )
@@ -151,34 +153,9 @@ func (id *Identity) Close() error {
 
 // LoadKeyFile reads a PEM private key (PKCS#8, SEC 1 EC or PKCS#1 RSA).
 func LoadKeyFile(path string) (crypto.Signer, error) {
-	b, err := os.ReadFile(path)
+	s, err := pemkey.LoadSigner(path)
 	if err != nil {
-		return nil, fmt.Errorf("broker.key_file %s: %w", path, err)
+		return nil, fmt.Errorf("broker.key_file: %w", err)
 	}
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			return nil, fmt.Errorf("broker.key_file %s: no PEM private key found (expected PRIVATE KEY, EC PRIVATE KEY or RSA PRIVATE KEY)", path)
-		}
-		var k any
-		switch blk.Type {
-		case "PRIVATE KEY":
-			k, err = x509.ParsePKCS8PrivateKey(blk.Bytes)
-		case "EC PRIVATE KEY":
-			k, err = x509.ParseECPrivateKey(blk.Bytes)
-		case "RSA PRIVATE KEY":
-			k, err = x509.ParsePKCS1PrivateKey(blk.Bytes)
-		default:
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("broker.key_file %s: %w", path, err)
-		}
-		s, ok := k.(crypto.Signer)
-		if !ok {
-			return nil, fmt.Errorf("broker.key_file %s: key type %T cannot sign", path, k)
-		}
-		return s, nil
-	}
+	return s, nil
 }

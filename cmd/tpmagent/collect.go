@@ -17,8 +17,8 @@ import (
 
 	"github.com/tpmagent/tpmagent/agent"
 	"github.com/tpmagent/tpmagent/agent/config"
+	"github.com/tpmagent/tpmagent/agent/identity"
 	"github.com/tpmagent/tpmagent/collector"
-	"github.com/tpmagent/tpmagent/tpmkeys"
 	"github.com/tpmagent/tpmagent/transport"
 	"github.com/tpmagent/tpmagent/transport/seal"
 )
@@ -229,22 +229,12 @@ func loadCertPool(path string) (*x509.CertPool, error) {
 // collectorKey returns the collector's own TLS key: broker.key_file (PEM; a
 // server-side collector may keep its key in a file) or the TPM key.
 func collectorKey(ctx context.Context, cfg *config.Config, log *slog.Logger) (crypto.Signer, func(), error) {
-	if cfg.Broker.KeyFile != "" {
-		s, err := handshakeSoftwareKey(cfg.Broker.KeyFile)
-		if err != nil {
-			return nil, nil, usageError{fmt.Errorf("collect: %w", err)}
-		}
-		log.Info("collector TLS key loaded from broker.key_file", "file", cfg.Broker.KeyFile)
-		return s, func() {}, nil
+	id, err := identity.Open(ctx, cfg, true, log)
+	switch {
+	case err != nil && cfg.Broker.KeyFile != "":
+		return nil, nil, usageError{fmt.Errorf("collect: %w", err)}
+	case err != nil:
+		return nil, nil, fmt.Errorf("collect: %w (or set broker.key_file to use a key file)", err)
 	}
-	tp, err := tpmkeys.Open(ctx, cfg.TPM.Device)
-	if err != nil {
-		return nil, nil, fmt.Errorf("collect: tpm.device %s: %w (or set broker.key_file to use a key file)", cfg.TPM.Device, err)
-	}
-	k, err := tp.OpenKey(ctx, tpmkeys.KeySpec{Handle: uint32(cfg.TPM.KeyHandle), SRKHandle: uint32(cfg.TPM.SRKHandle), Type: cfg.TPM.KeyType})
-	if err != nil {
-		tp.Close()
-		return nil, nil, fmt.Errorf("collect: %w (create it with `tpmagent key create`, or set broker.key_file)", err)
-	}
-	return k, func() { tp.Close() }, nil
+	return id.Signer, func() { id.Close() }, nil
 }

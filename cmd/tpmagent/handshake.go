@@ -159,6 +159,3 @@ func handshakeDeviceKey(ctx context.Context, cfg *config.Config, log *slog.Logge
 	}
 	return id.Signer, func() { id.Close() }, nil
 }
-
-// handshakeSoftwareKey reads a PEM private key (PKCS#8, SEC 1 EC or PKCS#1 RSA).
-func handshakeSoftwareKey(path string) (crypto.Signer, error) { return identity.LoadKeyFile(path) }
