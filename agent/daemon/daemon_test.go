@@ -79,17 +79,18 @@ func (n *notifyListener) waitFor(t *testing.T, prefix string, timeout time.Durat
 	}
 }
 
-// subscribe connects a software-identity subscriber and counts readings on
-// the device's telemetry topic (JSON batches).
-func subscribe(t *testing.T, d *testdevice.Device, topic string) (readings func() int, payloads func() [][]byte) {
+// startSubscriber connects an MQTT client with tlsCfg to url and hands
+// every message on topic (QoS 1) to handle. clean=false keeps a persistent
+// session, so the broker queues for it while it reconnects.
+func startSubscriber(t *testing.T, url string, tlsCfg *tls.Config, clean bool, topic string, handle func(transport.Message)) {
 	t.Helper()
-	_, _, cert := d.PKI.SoftClient(t, "subscriber")
 	c, err := transport.NewClient(transport.ClientOptions{
-		URLs:         []string{d.Broker.URL()},
-		TLS:          &tls.Config{RootCAs: d.PKI.Pool(), Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13},
+		URLs:         []string{url},
+		TLS:          tlsCfg,
 		ClientID:     "subscriber",
 		StatusTopic:  "-",
-		CleanSession: true,
+		CleanSession: clean,
+		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -99,25 +100,34 @@ func subscribe(t *testing.T, d *testdevice.Device, topic string) (readings func(
 	if err := c.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
 	defer wcancel()
 	if err := c.WaitConnected(wctx); err != nil {
+		t.Fatalf("subscriber: connect to %s: %v", url, err)
+	}
+	if err := c.Subscribe(ctx, topic, 1, handle); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// subscribe connects a software-identity subscriber (CN "subscriber") to
+// url and counts readings on topic (JSON batches).
+func subscribe(t *testing.T, d *testdevice.Device, url, topic string) (readings func() int, payloads func() [][]byte) {
+	t.Helper()
+	_, _, cert := d.PKI.SoftClient(t, "subscriber")
 	var mu sync.Mutex
 	n := 0
 	var all [][]byte
-	if err := c.Subscribe(ctx, topic, 1, func(m transport.Message) {
-		rs, err := batch.Decode(m.Payload)
-		mu.Lock()
-		defer mu.Unlock()
-		all = append(all, m.Payload)
-		if err == nil {
-			n += len(rs)
-		}
-	}); err != nil {
-		t.Fatal(err)
-	}
+	startSubscriber(t, url, &tls.Config{RootCAs: d.PKI.Pool(), Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}, true, topic,
+		func(m transport.Message) {
+			rs, err := batch.Decode(m.Payload)
+			mu.Lock()
+			defer mu.Unlock()
+			all = append(all, m.Payload)
+			if err == nil {
+				n += len(rs)
+			}
+		})
 	return func() int { mu.Lock(); defer mu.Unlock(); return n },
 		func() [][]byte { mu.Lock(); defer mu.Unlock(); return append([][]byte(nil), all...) }
 }
@@ -149,7 +159,7 @@ func TestRunPublishesAndNotifiesSystemd(t *testing.T) {
 	t.Setenv("WATCHDOG_USEC", "400000")
 	t.Setenv("WATCHDOG_PID", "")
 	d := testdevice.New(t, testdevice.Options{})
-	readings, _ := subscribe(t, d, "devices/"+d.ID+"/#")
+	readings, _ := subscribe(t, d, d.Broker.URL(), "devices/"+d.ID+"/#")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -2,63 +2,16 @@ package daemon
 
 import (
 	"context"
-	"crypto/tls"
 	"log/slog"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/tpmagent/tpmagent/agent/batch"
 	"github.com/tpmagent/tpmagent/agent/source"
 	"github.com/tpmagent/tpmagent/internal/testdevice"
 	"github.com/tpmagent/tpmagent/internal/testenv"
-	"github.com/tpmagent/tpmagent/transport"
 )
-
-// subscribeRabbit counts the readings that arrive on topic at the RabbitMQ
-// node, through a subscriber with its own certificate (CN "subscriber").
-func subscribeRabbit(t *testing.T, d *testdevice.Device, node *testenv.RabbitMQ, topic string) (readings func() int) {
-	t.Helper()
-	_, _, cert := d.PKI.SoftClient(t, "subscriber")
-	c, err := transport.NewClient(transport.ClientOptions{
-		URLs:         []string{node.URL()},
-		TLS:          &tls.Config{RootCAs: d.PKI.Pool(), Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13},
-		ClientID:     "subscriber",
-		StatusTopic:  "-",
-		CleanSession: true,
-		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { c.Close(context.Background()); cancel() })
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
-		t.Fatalf("subscriber: connect to RabbitMQ %s: %v", node.URL(), err)
-	}
-	var mu sync.Mutex
-	n := 0
-	if err := c.Subscribe(ctx, topic, 1, func(m transport.Message) {
-		rs, err := batch.Decode(m.Payload)
-		if err != nil {
-			t.Errorf("subscriber: message on %s is not a batch: %v", m.Topic, err)
-			return
-		}
-		mu.Lock()
-		n += len(rs)
-		mu.Unlock()
-	}); err != nil {
-		t.Fatal(err)
-	}
-	return func() int { mu.Lock(); defer mu.Unlock(); return n }
-}
 
 // TestRunPublishesToRabbitMQ runs the daemon (key in swtpm, mTLS 1.3)
 // against RabbitMQ with the rabbitmq_mqtt plugin and certificate login
@@ -72,7 +25,7 @@ func TestRunPublishesToRabbitMQ(t *testing.T) {
 	t.Logf("RabbitMQ node %s up in %v", node.Node, node.StartupTime.Round(time.Millisecond))
 	d := testdevice.New(t, testdevice.Options{PKI: pki})
 	d.Config.Broker.URLs = []string{node.URL()}
-	readings := subscribeRabbit(t, d, node, "devices/"+d.ID+"/telemetry")
+	readings, _ := subscribe(t, d, node.URL(), "devices/"+d.ID+"/telemetry")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -189,29 +189,10 @@ func (l *renewLab) subscribe() *seqSubscriber {
 		t.Fatal(err)
 	}
 	pool, _ := fleet.CertPoolFromFiles(filepath.Join(l.caDir, fleet.CACertFile))
-	c, err := transport.NewClient(transport.ClientOptions{
-		URLs:        []string{l.broker.URL()},
-		TLS:         &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}},
-		ClientID:    "subscriber",
-		StatusTopic: "-",
-		// A persistent session: the broker queues for it while it reconnects.
-		CleanSession: false,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { c.Close(context.Background()); cancel() })
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
-		t.Fatal(err)
-	}
+	tlsCfg := &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{{Certificate: [][]byte{cert.Raw}, PrivateKey: key, Leaf: cert}}}
 	s := &seqSubscriber{seen: map[int64]int{}}
-	if err := c.Subscribe(ctx, "devices/"+l.id+"/telemetry", 1, func(m transport.Message) {
+	// A persistent session: the broker queues for it while it reconnects.
+	startSubscriber(t, l.broker.URL(), tlsCfg, false, "devices/"+l.id+"/telemetry", func(m transport.Message) {
 		rs, err := batch.Decode(m.Payload)
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -221,9 +202,7 @@ func (l *renewLab) subscribe() *seqSubscriber {
 				s.seen[int64(r.Value)]++
 			}
 		}
-	}); err != nil {
-		t.Fatal(err)
-	}
+	})
 	return s
 }
 
