@@ -157,12 +157,6 @@ func (f *fakePub) flushLocked(err error) {
 }
 
 // release acknowledges everything held.
-func (f *fakePub) release() {
-	f.mu.Lock()
-	f.flushLocked(nil)
-	f.mu.Unlock()
-}
-
 // drop fails everything in flight with ErrConnectionLost and blocks Publish.
 func (f *fakePub) drop() {
 	f.mu.Lock()

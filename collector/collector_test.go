@@ -26,7 +26,6 @@ type fixture struct {
 	sealer *seal.Sealer
 	run    *Runner
 	out    *bytes.Buffer
-	now    time.Time
 }
 
 func newFixture(t testing.TB, opts seal.CollectorOptions) *fixture {

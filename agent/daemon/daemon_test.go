@@ -44,9 +44,7 @@ func listenNotify(t *testing.T) *notifyListener {
 				return
 			}
 			n.mu.Lock()
-			for _, line := range strings.Split(strings.TrimSpace(string(buf[:k])), "\n") {
-				n.msgs = append(n.msgs, line)
-			}
+			n.msgs = append(n.msgs, strings.Split(strings.TrimSpace(string(buf[:k])), "\n")...)
 			n.mu.Unlock()
 		}
 	}()

@@ -135,14 +135,3 @@ func (a *app) loggerWithLevel(cfg *config.Config, level slog.Leveler) *slog.Logg
 	}
 	return slog.New(slog.NewTextHandler(a.stderr, opts))
 }
-
-// notYet is the body of a command whose implementation has not landed. It
-// still loads the configuration so that config errors are reported.
-func (a *app) notYet(name string) func(*cobra.Command, []string) error {
-	return func(cmd *cobra.Command, _ []string) error {
-		if _, err := a.loadConfig(cmd); err != nil {
-			return err
-		}
-		return fmt.Errorf("%s: not implemented in this build", name)
-	}
-}
