@@ -32,4 +32,3 @@ func tpmHandles(t *testing.T, sw *testenv.Swtpm) (transient, sessions []string) 
 	}
 	return get("handles-transient"), get("handles-loaded-session")
 }
-

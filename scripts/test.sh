@@ -15,8 +15,8 @@ TEST_TIMEOUT=${TEST_TIMEOUT:-30m}
 FUZZTIME=${FUZZTIME:-20s}
 step() { printf '\n== %s\n' "$*"; }
 
-step "go vet"
-$GO vet ./...
+step "lint: gofmt, go vet, staticcheck"
+make -s lint
 $GO vet -tags chaos ./chaos/
 
 step "go test"
