@@ -4,7 +4,10 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"os"
+	"net"
 	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,7 +34,25 @@ func scriptSetup(t *testing.T) func(*testscript.Env) error {
 
 // scriptState holds what one script's commands started.
 type scriptState struct {
-	pki *testenv.PKI
+	pki    *testenv.PKI
+	notify *notifySocket
+}
+
+// notifySocket is a NOTIFY_SOCKET the script listens on, as systemd would.
+type notifySocket struct {
+	mu   sync.Mutex
+	msgs []string
+}
+
+func (n *notifySocket) has(prefix string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, m := range n.msgs {
+		if strings.HasPrefix(m, prefix) {
+			return true
+		}
+	}
+	return false
 }
 
 func scriptStateOf(ts *testscript.TestScript) *scriptState {
@@ -49,6 +70,8 @@ func scriptTB(ts *testscript.TestScript) testing.TB {
 //	                      sets BROKER_URL, CA_FILE, PKI_DIR, TPMAGENT_BROKER_URLS,
 //	                      TPMAGENT_BROKER_CA_FILE
 //	signcsr CSR OUT [CN]  sign a PEM CSR with the lab CA into OUT (1 day)
+//	notify                listen on a NOTIFY_SOCKET (sets NOTIFY_SOCKET) like systemd
+//	waitnotify MSG [DUR]  wait until a datagram line starting with MSG arrived (default 20s)
 //	sleep DURATION        wait
 func scriptCmds() map[string]func(ts *testscript.TestScript, neg bool, args []string) {
 	return map[string]func(ts *testscript.TestScript, neg bool, args []string){
@@ -95,6 +118,53 @@ func scriptCmds() map[string]func(ts *testscript.TestScript, neg bool, args []st
 			out := ts.MkAbs(args[1])
 			ts.Check(os.MkdirAll(filepath.Dir(out), 0o755))
 			pki.IssueClient(scriptTB(ts), cn, csr.PublicKey, time.Now().Add(-time.Minute), time.Now().Add(24*time.Hour), out)
+		},
+		"notify": func(ts *testscript.TestScript, neg bool, args []string) {
+			// A short path: unix socket paths are limited to 108 bytes.
+			dir, err := os.MkdirTemp("", "notify")
+			ts.Check(err)
+			scriptTB(ts).Cleanup(func() { os.RemoveAll(dir) })
+			path := filepath.Join(dir, "sd.sock")
+			conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+			ts.Check(err)
+			scriptTB(ts).Cleanup(func() { conn.Close() })
+			n := &notifySocket{}
+			scriptStateOf(ts).notify = n
+			go func() {
+				buf := make([]byte, 4096)
+				for {
+					k, err := conn.Read(buf)
+					if err != nil {
+						return
+					}
+					n.mu.Lock()
+					n.msgs = append(n.msgs, strings.Split(strings.TrimSpace(string(buf[:k])), "\n")...)
+					n.mu.Unlock()
+				}
+			}()
+			ts.Setenv("NOTIFY_SOCKET", path)
+		},
+		"waitnotify": func(ts *testscript.TestScript, neg bool, args []string) {
+			n := scriptStateOf(ts).notify
+			if n == nil || len(args) < 1 {
+				ts.Fatalf("usage: notify first, then waitnotify MSG [DURATION]")
+			}
+			d := 20 * time.Second
+			if len(args) > 1 {
+				var err error
+				d, err = time.ParseDuration(args[1])
+				ts.Check(err)
+			}
+			deadline := time.Now().Add(d)
+			for !n.has(args[0]) {
+				if time.Now().After(deadline) {
+					n.mu.Lock()
+					got := append([]string(nil), n.msgs...)
+					n.mu.Unlock()
+					ts.Fatalf("no %q on NOTIFY_SOCKET within %v; got %q", args[0], d, got)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
 		},
 		"sleep": func(ts *testscript.TestScript, neg bool, args []string) {
 			d, err := time.ParseDuration(args[0])
