@@ -255,7 +255,11 @@ func (d *daemon) runPipeline(ctx context.Context) error {
 	d.spool = nil // the pipeline closes it
 
 	sock := &source.Socket{Path: d.cfg.Telemetry.Socket, Logger: d.log}
-	sources := append([]source.Source{sock}, d.opts.ExtraSources...)
+	sources := []source.Source{sock}
+	if d.cfg.Telemetry.SystemInterval > 0 {
+		sources = append(sources, &source.System{Interval: d.cfg.Telemetry.SystemInterval})
+	}
+	sources = append(sources, d.opts.ExtraSources...)
 
 	var wg sync.WaitGroup
 	loops, stopLoops := context.WithCancel(context.WithoutCancel(ctx))

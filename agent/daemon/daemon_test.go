@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"fmt"
@@ -157,7 +158,8 @@ func TestRunPublishesAndNotifiesSystemd(t *testing.T) {
 	t.Setenv("WATCHDOG_USEC", "400000")
 	t.Setenv("WATCHDOG_PID", "")
 	d := testdevice.New(t, testdevice.Options{})
-	readings, _ := subscribe(t, d, d.Broker.URL(), "devices/"+d.ID+"/#")
+	d.Config.Telemetry.SystemInterval = 200 * time.Millisecond
+	readings, payloads := subscribe(t, d, d.Broker.URL(), "devices/"+d.ID+"/#")
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -183,6 +185,13 @@ func TestRunPublishesAndNotifiesSystemd(t *testing.T) {
 	}
 	n.waitFor(t, "WATCHDOG=1", 5*time.Second)
 	n.waitFor(t, "STATUS=", 5*time.Second)
+	system := false
+	for _, p := range payloads() {
+		system = system || bytes.Contains(p, []byte(`"system.uptime"`))
+	}
+	if !system {
+		t.Error("no system reading (system.uptime) published at telemetry.system_interval")
+	}
 	if !strings.Contains(d.Broker.LogText(), d.ID) {
 		t.Errorf("broker log does not name the device CN %q as username", d.ID)
 	}
