@@ -8,7 +8,7 @@ PKG := ./cmd/tpmagent
 # Test timeout for the whole suite; CI has 90 minutes in all.
 TEST_TIMEOUT ?= 30m
 
-.PHONY: all build cross test test-unit lint bench demo deps fuzz clean
+.PHONY: all build cross cross-small test test-unit lint bench demo deps fuzz clean
 
 all: build
 
@@ -23,6 +23,13 @@ cross:
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-armv7 $(PKG)
 	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-amd64 $(PKG)
 	@ls -l bin/tpmagent-linux-*
+
+# Smaller device binaries without the Prometheus endpoint (-tags nometrics:
+# ≈ 2.9 MB less; the status socket keeps every counter).
+cross-small:
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -tags nometrics -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-small-linux-arm64 $(PKG)
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -tags nometrics -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-small-linux-armv7 $(PKG)
+	@ls -l bin/tpmagent-small-linux-*
 
 # The whole suite: unit tests (simulator, cgo) and integration tests against
 # real swtpm and mosquitto started by the tests, CLI scripts, cross builds

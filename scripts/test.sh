@@ -26,9 +26,11 @@ $GO test -p 2 -count=1 -timeout "$TEST_TIMEOUT" ./...
 [ "${TEST_QUICK:-0}" = 1 ] && exit 0
 
 step "cross builds, run under qemu"
-make -s cross
+make -s cross cross-small
 qemu-aarch64-static bin/tpmagent-linux-arm64 version
 qemu-arm-static bin/tpmagent-linux-armv7 version
+qemu-aarch64-static bin/tpmagent-small-linux-arm64 version
+$GO test -count=1 -tags nometrics ./agent/status
 
 step "pure-Go tests under qemu-user (arm64, armv7)"
 bash scripts/test-arm.sh
