@@ -49,7 +49,7 @@ for dir in "$F"/devices/*/; do
 	id=$(basename "$dir")
 	start_swtpm "$dir/tpm" "$dir/swtpm-run.log" || { echo "fleet-test: swtpm for $id did not start"; exit 1; }
 	p=$SWTPM_PORT
-	TPMAGENT_TPM_DEVICE=swtpm://127.0.0.1:$p TPMAGENT_LOG_LEVEL=warn "$BIN" run --config "$dir/agent.yaml" >"$dir/agent.log" 2>&1 &
+	TPMAGENT_TPM_DEVICE=swtpm://127.0.0.1:$p TPMAGENT_LOG_LEVEL=warn TPMAGENT_TELEMETRY_SYSTEM_INTERVAL=0s "$BIN" run --config "$dir/agent.yaml" >"$dir/agent.log" 2>&1 &
 	pids+=($!)
 	agents+=("$id:$!")
 done

@@ -95,6 +95,8 @@ func New(t testing.TB, opts Options) *Device {
 	c.Broker.BackoffBase = 100 * time.Millisecond
 	c.Broker.BackoffMax = time.Second
 	c.Telemetry.Socket = filepath.Join(d.Dir, "telemetry.sock")
+	// Tests count the readings they send; system readings are opt-in.
+	c.Telemetry.SystemInterval = 0
 	c.Status.Socket = filepath.Join(d.Dir, "status.sock")
 	c.Spool.Dir = filepath.Join(d.Dir, "spool")
 	c.Firmware.Slots.A = filepath.Join(d.Dir, "slot-a")
@@ -114,7 +116,7 @@ func (d *Device) YAML() string {
 		"state_dir: " + c.StateDir + "\n" +
 		"tpm: { device: \"" + c.TPM.Device + "\" }\n" +
 		"broker:\n  urls: [" + c.Broker.URLs[0] + "]\n  ca_file: " + c.Broker.CAFile + "\n  cert_file: " + c.Broker.CertFile + "\n  backoff_base: 100ms\n  backoff_max: 1s\n" +
-		"telemetry: { socket: " + c.Telemetry.Socket + " }\n" +
+		"telemetry: { socket: " + c.Telemetry.Socket + ", system_interval: 0s }\n" +
 		"status: { socket: " + c.Status.Socket + " }\n" +
 		"spool: { dir: " + c.Spool.Dir + " }\n" +
 		"firmware: { slots: { a: " + c.Firmware.Slots.A + ", b: " + c.Firmware.Slots.B + " } }\n"
