@@ -7,12 +7,13 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/pem"
 	"fmt"
 	"math/big"
 	"os"
 	"sync/atomic"
 	"time"
+
+	"github.com/tpmagent/tpmagent/internal/pemfile"
 
 	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/transport/seal"
@@ -162,17 +163,7 @@ func LoadCertChain(path string) ([][]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: certificate chain %s: %w", path, err)
 	}
-	var chain [][]byte
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type == "CERTIFICATE" {
-			chain = append(chain, blk.Bytes)
-		}
-	}
+	chain := pemfile.CertificatesDER(b)
 	if len(chain) == 0 {
 		return nil, fmt.Errorf("agent: certificate chain %s: no PEM CERTIFICATE block (want the device certificate, leaf first)", path)
 	}

@@ -18,7 +18,7 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/tpmagent/tpmagent/internal/pemkey"
+	"github.com/tpmagent/tpmagent/internal/pemfile"
 )
 
 // CASigner is the fleet CA's signing key and certificate. FileSigner keeps the key in a
@@ -66,16 +66,8 @@ func ReadCertificates(path string) ([]*x509.Certificate, error) {
 		return nil, fmt.Errorf("fleet: read certificates: %w", err)
 	}
 	var out []*x509.Certificate
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
+	for _, der := range pemfile.CertificatesDER(b) {
+		c, err := x509.ParseCertificate(der)
 		if err != nil {
 			return nil, fmt.Errorf("fleet: %s: certificate %d: %w", path, len(out)+1, err)
 		}
@@ -113,7 +105,7 @@ func CertPoolFromFiles(paths ...string) (*x509.CertPool, error) {
 }
 
 func readPrivateKey(path string) (crypto.Signer, error) {
-	s, err := pemkey.LoadSigner(path)
+	s, err := pemfile.LoadSigner(path)
 	if err != nil {
 		return nil, fmt.Errorf("fleet: key: %w", err)
 	}

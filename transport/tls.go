@@ -10,7 +10,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -22,6 +21,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/tpmagent/tpmagent/internal/pemfile"
 )
 
 // TLSOptions describes the device's TLS client identity and trust.
@@ -169,16 +170,8 @@ func loadCAFile(path string) (*x509.CertPool, error) {
 	}
 	pool := x509.NewCertPool()
 	n := 0
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type != "CERTIFICATE" {
-			continue
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
+	for _, der := range pemfile.CertificatesDER(b) {
+		c, err := x509.ParseCertificate(der)
 		if err != nil {
 			return nil, fmt.Errorf("transport: broker.ca_file %s: certificate %d: %w", path, n+1, err)
 		}
@@ -200,17 +193,7 @@ func (id *TLSIdentity) loadChain(signer *tlsCountingSigner, path string) (*tlsCh
 	if err != nil {
 		return nil, fmt.Errorf("transport: broker.cert_file %s: %w", path, err)
 	}
-	var ders [][]byte
-	for rest := b; ; {
-		var blk *pem.Block
-		blk, rest = pem.Decode(rest)
-		if blk == nil {
-			break
-		}
-		if blk.Type == "CERTIFICATE" {
-			ders = append(ders, blk.Bytes)
-		}
-	}
+	ders := pemfile.CertificatesDER(b)
 	if len(ders) == 0 {
 		return nil, fmt.Errorf("transport: broker.cert_file %s: no PEM CERTIFICATE block found", path)
 	}

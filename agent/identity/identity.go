@@ -17,13 +17,12 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
 	"os"
 
-	"github.com/tpmagent/tpmagent/internal/pemkey"
+	"github.com/tpmagent/tpmagent/internal/pemfile"
 
 	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/tpmkeys"
@@ -110,20 +109,15 @@ func readLeaf(path string) *x509.Certificate {
 	if err != nil {
 		return nil
 	}
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			return nil
-		}
-		if blk.Type == "CERTIFICATE" {
-			c, err := x509.ParseCertificate(blk.Bytes)
-			if err != nil {
-				return nil
-			}
-			return c
-		}
+	ders := pemfile.CertificatesDER(b)
+	if len(ders) == 0 {
+		return nil
 	}
+	c, err := x509.ParseCertificate(ders[0])
+	if err != nil {
+		return nil
+	}
+	return c
 }
 
 func samePublic(a, b crypto.PublicKey) bool {
@@ -153,7 +147,7 @@ func (id *Identity) Close() error {
 
 // LoadKeyFile reads a PEM private key (PKCS#8, SEC 1 EC or PKCS#1 RSA).
 func LoadKeyFile(path string) (crypto.Signer, error) {
-	s, err := pemkey.LoadSigner(path)
+	s, err := pemfile.LoadSigner(path)
 	if err != nil {
 		return nil, fmt.Errorf("broker.key_file: %w", err)
 	}

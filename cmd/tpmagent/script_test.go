@@ -3,8 +3,8 @@ package main
 import (
 	"crypto/x509"
 	"encoding/pem"
-	"os"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"

@@ -1,4 +1,4 @@
-package pemkey
+package pemfile
 
 import (
 	"crypto/ecdsa"
@@ -46,5 +46,18 @@ func TestParseSigner(t *testing.T) {
 				t.Fatalf("error %v is not ErrNoKey", err)
 			}
 		})
+	}
+}
+
+func TestCertificatesDER(t *testing.T) {
+	a := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{1}})
+	k := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: []byte{9}})
+	b := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{2}})
+	got := CertificatesDER(append(append(append([]byte{}, a...), k...), b...))
+	if len(got) != 2 || got[0][0] != 1 || got[1][0] != 2 {
+		t.Fatalf("got %v, want the two certificates in order", got)
+	}
+	if CertificatesDER([]byte("no pem")) != nil {
+		t.Fatal("want nil for data without PEM")
 	}
 }

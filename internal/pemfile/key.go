@@ -1,7 +1,7 @@
-// Package pemkey reads software private keys from PEM files: backends (the
-// collector, the fleet CA, a release signer) keep their keys in files; the
-// device key never is one (it lives in the TPM).
-package pemkey
+// Package pemfile reads PEM files: certificate chains, and the software
+// private keys of backends (the collector, the fleet CA) that keep theirs in
+// files; the device key never is one (it lives in the TPM).
+package pemfile
 
 import (
 	"crypto"
