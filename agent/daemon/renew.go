@@ -50,6 +50,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/tpmagent/tpmagent/internal/atomicfile"
+
 	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/agent/identity"
 	"github.com/tpmagent/tpmagent/agent/status"
@@ -157,7 +159,7 @@ func RequestRenewal(cfg *config.Config) (string, error) {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return "", fmt.Errorf("renewal request: state_dir %s: %w", cfg.StateDir, err)
 	}
-	if err := identity.WriteFileAtomic(filepath.Join(cfg.StateDir, RenewalRequestFile), []byte(id+"\n"), 0o600); err != nil {
+	if err := atomicfile.Write(filepath.Join(cfg.StateDir, RenewalRequestFile), []byte(id+"\n"), 0o600); err != nil {
 		return "", fmt.Errorf("renewal request: %w", err)
 	}
 	return id, nil
@@ -280,7 +282,7 @@ func dialRequester(ctx context.Context, cfg *config.Config, cur *transport.TLSId
 func (r *Renewed) prove(ctx context.Context, log *slog.Logger) error {
 	cfg := r.cfg
 	tmp := cfg.Broker.CertFile + ".new"
-	if err := identity.WriteFileAtomic(tmp, r.certPEM, 0o644); err != nil {
+	if err := atomicfile.Write(tmp, r.certPEM, 0o644); err != nil {
 		return fmt.Errorf("renew: %w", err)
 	}
 	defer os.Remove(tmp)
@@ -317,7 +319,7 @@ func (r *Renewed) commit() error {
 		return fmt.Errorf("renew: broker.cert_file %s: %w", cfg.Broker.CertFile, err)
 	}
 	r.oldCert = old
-	if err := identity.WriteFileAtomic(cfg.Broker.CertFile+".prev", old, 0o644); err != nil {
+	if err := atomicfile.Write(cfg.Broker.CertFile+".prev", old, 0o644); err != nil {
 		return fmt.Errorf("renew: keep the old certificate: %w", err)
 	}
 	if r.oldState, err = identity.ReadState(cfg); err != nil {
@@ -327,7 +329,7 @@ func (r *Renewed) commit() error {
 		CertSerial: r.Cert.SerialNumber.Text(16), CertNotAfter: r.Cert.NotAfter.UTC(), UpdatedAt: time.Now().UTC()}); err != nil {
 		return fmt.Errorf("renew: %w", err)
 	}
-	if err := identity.WriteFileAtomic(cfg.Broker.CertFile, r.certPEM, 0o644); err != nil {
+	if err := atomicfile.Write(cfg.Broker.CertFile, r.certPEM, 0o644); err != nil {
 		r.restoreState()
 		return fmt.Errorf("renew: broker.cert_file: %w", err)
 	}
@@ -349,7 +351,7 @@ func (r *Renewed) restoreState() {
 func (r *Renewed) Rollback(ctx context.Context) error {
 	var errs []error
 	if r.oldCert != nil {
-		errs = append(errs, identity.WriteFileAtomic(r.cfg.Broker.CertFile, r.oldCert, 0o644))
+		errs = append(errs, atomicfile.Write(r.cfg.Broker.CertFile, r.oldCert, 0o644))
 	}
 	r.restoreState()
 	errs = append(errs, r.discard(ctx))
@@ -439,7 +441,7 @@ func (r *renewalState) update(log *slog.Logger, fn func(*RenewalStatus)) {
 	if path == "" {
 		return
 	}
-	if err := identity.WriteFileAtomic(path, append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.Write(path, append(b, '\n'), 0o600); err != nil {
 		log.Warn("renewal: status not written", "err", err)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/tpmagent/tpmagent/internal/atomicfile"
+
 	"github.com/tpmagent/tpmagent/agent/config"
 )
 
@@ -62,7 +64,7 @@ func WriteState(cfg *config.Config, st *State) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("identity state: state_dir %s: %w", cfg.StateDir, err)
 	}
-	if err := WriteFileAtomic(StatePath(cfg), append(b, '\n'), 0o600); err != nil {
+	if err := atomicfile.Write(StatePath(cfg), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("identity state: %w", err)
 	}
 	return nil
@@ -97,37 +99,4 @@ func OtherKeyHandle(cfg *config.Config, active uint32) uint32 {
 		return k
 	}
 	return r
-}
-
-// WriteFileAtomic replaces path with b: a temporary file in the same
-// directory, written, fsynced and renamed over path, then the directory
-// fsynced, so that after a crash path holds either the old or the new bytes.
-func WriteFileAtomic(path string, b []byte, mode os.FileMode) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name())
-	_, err = tmp.Write(b)
-	if err == nil {
-		err = tmp.Chmod(mode)
-	}
-	if err == nil {
-		err = tmp.Sync()
-	}
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
-	return nil
 }

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/tpmagent/tpmagent/internal/atomicfile"
+
 	"github.com/spf13/cobra"
 
 	"github.com/tpmagent/tpmagent/agent/config"
@@ -409,27 +411,11 @@ func writeJSON(path string, v any, mode os.FileMode) error {
 	return writeFileAtomic(path, append(b, '\n'), mode)
 }
 
-// writeFileAtomic writes via a temporary file and rename ("-" is stdout).
+// writeFileAtomic replaces path durably (atomicfile.Write); "-" is stdout.
 func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
 	if path == "-" {
 		_, err := os.Stdout.Write(b)
 		return err
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(path, b, mode)
 }
