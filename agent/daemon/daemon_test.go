@@ -6,9 +6,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -22,59 +20,21 @@ import (
 	"github.com/tpmagent/tpmagent/transport"
 )
 
-// notifyListener is a NOTIFY_SOCKET for the test: it records every datagram.
-type notifyListener struct {
-	mu   sync.Mutex
-	msgs []string
-}
-
+// listenNotify is the test's NOTIFY_SOCKET (testenv.NotifySocket).
 func listenNotify(t *testing.T) *notifyListener {
 	t.Helper()
-	path := filepath.Join(t.TempDir(), "notify.sock")
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
-	n := &notifyListener{}
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			k, err := conn.Read(buf)
-			if err != nil {
-				return
-			}
-			n.mu.Lock()
-			n.msgs = append(n.msgs, strings.Split(strings.TrimSpace(string(buf[:k])), "\n")...)
-			n.mu.Unlock()
-		}
-	}()
-	t.Setenv("NOTIFY_SOCKET", path)
-	return n
+	n := testenv.StartNotifySocket(t)
+	t.Setenv("NOTIFY_SOCKET", n.Path)
+	return &notifyListener{n}
 }
 
-func (n *notifyListener) count(prefix string) int {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	c := 0
-	for _, m := range n.msgs {
-		if strings.HasPrefix(m, prefix) {
-			c++
-		}
-	}
-	return c
-}
+// notifyListener adds a failing wait to testenv.NotifySocket.
+type notifyListener struct{ *testenv.NotifySocket }
 
 func (n *notifyListener) waitFor(t *testing.T, prefix string, timeout time.Duration) {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for n.count(prefix) == 0 {
-		if time.Now().After(deadline) {
-			n.mu.Lock()
-			defer n.mu.Unlock()
-			t.Fatalf("no %q from the agent within %v; got %q", prefix, timeout, n.msgs)
-		}
-		time.Sleep(10 * time.Millisecond)
+	if err := n.WaitFor(prefix, timeout); err != nil {
+		t.Fatal(err)
 	}
 }
 
@@ -262,9 +222,9 @@ func TestWatchdogStopsWhenPublishingStalls(t *testing.T) {
 	}
 	// Give the loop one stall period to notice, then watch for pings.
 	time.Sleep(900 * time.Millisecond)
-	before := n.count("WATCHDOG=1")
+	before := n.Count("WATCHDOG=1")
 	time.Sleep(1500 * time.Millisecond)
-	if after := n.count("WATCHDOG=1"); after != before {
+	if after := n.Count("WATCHDOG=1"); after != before {
 		t.Fatalf("watchdog still pinged %d times while publishing was stalled", after-before)
 	}
 	cancel()

@@ -3,11 +3,8 @@ package main
 import (
 	"crypto/x509"
 	"encoding/pem"
-	"net"
 	"os"
 	"path/filepath"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -35,24 +32,7 @@ func scriptSetup(t *testing.T) func(*testscript.Env) error {
 // scriptState holds what one script's commands started.
 type scriptState struct {
 	pki    *testenv.PKI
-	notify *notifySocket
-}
-
-// notifySocket is a NOTIFY_SOCKET the script listens on, as systemd would.
-type notifySocket struct {
-	mu   sync.Mutex
-	msgs []string
-}
-
-func (n *notifySocket) has(prefix string) bool {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	for _, m := range n.msgs {
-		if strings.HasPrefix(m, prefix) {
-			return true
-		}
-	}
-	return false
+	notify *testenv.NotifySocket
 }
 
 func scriptStateOf(ts *testscript.TestScript) *scriptState {
@@ -120,29 +100,9 @@ func scriptCmds() map[string]func(ts *testscript.TestScript, neg bool, args []st
 			pki.IssueClient(scriptTB(ts), cn, csr.PublicKey, time.Now().Add(-time.Minute), time.Now().Add(24*time.Hour), out)
 		},
 		"notify": func(ts *testscript.TestScript, neg bool, args []string) {
-			// A short path: unix socket paths are limited to 108 bytes.
-			dir, err := os.MkdirTemp("", "notify")
-			ts.Check(err)
-			scriptTB(ts).Cleanup(func() { os.RemoveAll(dir) })
-			path := filepath.Join(dir, "sd.sock")
-			conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
-			ts.Check(err)
-			scriptTB(ts).Cleanup(func() { conn.Close() })
-			n := &notifySocket{}
+			n := testenv.StartNotifySocket(scriptTB(ts))
 			scriptStateOf(ts).notify = n
-			go func() {
-				buf := make([]byte, 4096)
-				for {
-					k, err := conn.Read(buf)
-					if err != nil {
-						return
-					}
-					n.mu.Lock()
-					n.msgs = append(n.msgs, strings.Split(strings.TrimSpace(string(buf[:k])), "\n")...)
-					n.mu.Unlock()
-				}
-			}()
-			ts.Setenv("NOTIFY_SOCKET", path)
+			ts.Setenv("NOTIFY_SOCKET", n.Path)
 		},
 		"waitnotify": func(ts *testscript.TestScript, neg bool, args []string) {
 			n := scriptStateOf(ts).notify
@@ -155,16 +115,7 @@ func scriptCmds() map[string]func(ts *testscript.TestScript, neg bool, args []st
 				d, err = time.ParseDuration(args[1])
 				ts.Check(err)
 			}
-			deadline := time.Now().Add(d)
-			for !n.has(args[0]) {
-				if time.Now().After(deadline) {
-					n.mu.Lock()
-					got := append([]string(nil), n.msgs...)
-					n.mu.Unlock()
-					ts.Fatalf("no %q on NOTIFY_SOCKET within %v; got %q", args[0], d, got)
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
+			ts.Check(n.WaitFor(args[0], d))
 		},
 		"sleep": func(ts *testscript.TestScript, neg bool, args []string) {
 			d, err := time.ParseDuration(args[0])
