@@ -116,13 +116,22 @@ func (l *mqLab) subscribe(t testing.TB, cn, topic string, qos byte, seen *mqSeqS
 // broker queues QoS 1 messages while the subscriber is away).
 func (l *mqLab) subscribeSession(t testing.TB, cn, topic string, qos byte, seen *mqSeqSet, keep, clean bool) *mqSubscriber {
 	t.Helper()
+	return startMQSubscriber(t, l.broker.URL(), l.clientTLS(t, cn), cn, topic, qos, seen, keep, clean)
+}
+
+// startMQSubscriber connects a plain paho client (MQTT 3.1.1) with tlsCfg
+// and client id cn to url and subscribes to topic at qos: it counts
+// messages, records 8-byte sequence numbers in seen, and keeps payloads
+// when keep is set.
+func startMQSubscriber(t testing.TB, url string, tlsCfg *tls.Config, cn, topic string, qos byte, seen *mqSeqSet, keep, clean bool) *mqSubscriber {
+	t.Helper()
 	s := &mqSubscriber{msgs: map[string][][]byte{}, keep: keep, seen: seen}
-	o := mqtt.NewClientOptions().AddBroker(l.broker.URL()).SetClientID(cn).
-		SetTLSConfig(l.clientTLS(t, cn)).SetCleanSession(clean).SetAutoReconnect(false).
+	o := mqtt.NewClientOptions().AddBroker(url).SetClientID(cn).
+		SetTLSConfig(tlsCfg).SetCleanSession(clean).SetAutoReconnect(false).
 		SetProtocolVersion(4)
 	s.pc = mqtt.NewClient(o)
 	if tok := s.pc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscriber %s: connect: %v", cn, tok.Error())
+		t.Fatalf("subscriber %s: connect to %s: %v", cn, url, tok.Error())
 	}
 	tok := s.pc.Subscribe(topic, qos, func(_ mqtt.Client, m mqtt.Message) {
 		s.n.Add(1)

@@ -3,15 +3,12 @@ package transport
 import (
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"fmt"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	mqtt "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/tpmagent/tpmagent/internal/testenv"
 )
@@ -32,30 +29,8 @@ var rmqUsers = []string{"dev-0001", "counter", "watcher", "late", "dots"}
 func (l *rmqLab) subscribe(t testing.TB, cn, topic string, qos byte, seen *mqSeqSet, keep bool) *mqSubscriber {
 	t.Helper()
 	_, _, cert := l.pki.SoftClient(t, cn)
-	s := &mqSubscriber{msgs: map[string][][]byte{}, keep: keep, seen: seen}
-	o := mqtt.NewClientOptions().AddBroker(l.node.URL()).SetClientID(cn).
-		SetTLSConfig(&tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: l.pki.Pool(), MinVersion: tls.VersionTLS13}).
-		SetCleanSession(true).SetAutoReconnect(false).SetProtocolVersion(4)
-	s.pc = mqtt.NewClient(o)
-	if tok := s.pc.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscriber %s: connect to RabbitMQ: %v", cn, tok.Error())
-	}
-	tok := s.pc.Subscribe(topic, qos, func(_ mqtt.Client, m mqtt.Message) {
-		s.n.Add(1)
-		if s.seen != nil && len(m.Payload()) >= 8 {
-			s.seen.add(binary.BigEndian.Uint64(m.Payload()))
-		}
-		if s.keep {
-			s.mu.Lock()
-			s.msgs[m.Topic()] = append(s.msgs[m.Topic()], append([]byte(nil), m.Payload()...))
-			s.mu.Unlock()
-		}
-	})
-	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("subscriber %s: subscribe %s: %v", cn, topic, tok.Error())
-	}
-	t.Cleanup(func() { s.pc.Disconnect(50) })
-	return s
+	tlsCfg := &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: l.pki.Pool(), MinVersion: tls.VersionTLS13}
+	return startMQSubscriber(t, l.node.URL(), tlsCfg, cn, topic, qos, seen, keep, true)
 }
 
 // topics lists the topics the subscriber kept messages for.
