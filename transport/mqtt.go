@@ -273,8 +273,12 @@ func (c *Client) run(ctx context.Context) {
 		case <-s.lost:
 			c.uninstall(s)
 			lived := time.Since(s.since)
-			c.log.Warn("broker connection lost", "broker", s.url.Redacted(), "after", lived.Round(time.Millisecond), "err", s.cause())
-			c.setErr(fmt.Errorf("connection to %s lost: %w", s.url.Redacted(), s.cause()))
+			if errors.Is(s.cause(), errRedial) {
+				c.log.Info("broker connection ended for a redial", "broker", s.url.Redacted(), "after", lived.Round(time.Millisecond), "reason", s.cause())
+			} else {
+				c.log.Warn("broker connection lost", "broker", s.url.Redacted(), "after", lived.Round(time.Millisecond), "err", s.cause())
+				c.setErr(fmt.Errorf("connection to %s lost: %w", s.url.Redacted(), s.cause()))
+			}
 			if lived >= stableAfter {
 				attempt = 0
 			}

@@ -38,6 +38,10 @@ func (id *TLSIdentity) Rotate(signer crypto.Signer, certFile string) error {
 // given to NewTLSConfig, or to the last Rotate).
 func (id *TLSIdentity) Signer() crypto.Signer { return id.current().signer.s }
 
+// errRedial ends a connection that Redial asked to end: a reconnect the
+// caller wanted, not a failure (logged, not recorded as the last error).
+var errRedial = errors.New("transport: redial")
+
 // Redial ends the live broker connection with a clean MQTT DISCONNECT (no
 // last will, no "offline" status) and lets the client connect again at once.
 // Use it after TLSIdentity.Rotate, so that the broker authenticates the
@@ -53,7 +57,7 @@ func (c *Client) Redial(reason string) bool {
 		return false
 	}
 	c.log.Info("reconnecting to the broker", "broker", s.url.Redacted(), "reason", reason)
-	s.markLost(fmt.Errorf("transport: redial: %s", reason))
+	s.markLost(fmt.Errorf("%w: %s", errRedial, reason))
 	done := make(chan struct{})
 	go func() {
 		s.pc.Disconnect(100)
@@ -62,7 +66,7 @@ func (c *Client) Redial(reason string) bool {
 	select {
 	case <-done:
 	case <-time.After(2 * time.Second):
-		s.abort(fmt.Errorf("transport: redial: %s", reason)) // paho hung in Disconnect: drop the socket
+		s.abort(fmt.Errorf("%w: %s", errRedial, reason)) // paho hung in Disconnect: drop the socket
 	}
 	return true
 }

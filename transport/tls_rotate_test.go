@@ -145,6 +145,9 @@ func TestRotateAndRedial(t *testing.T) {
 	if st.Reconnects != 1 {
 		t.Fatalf("reconnects = %d, want exactly 1 (the redial)", st.Reconnects)
 	}
+	if st.LastError != "" {
+		t.Fatalf("last error %q after a requested redial: a redial is no failure", st.LastError)
+	}
 	cs, ok := c.ConnectionState()
 	if !ok || cs.DidResume {
 		t.Fatalf("connection after the redial resumed (%v): the old session survived Rotate", cs.DidResume)

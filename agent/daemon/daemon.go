@@ -19,7 +19,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -393,10 +392,7 @@ func (d *daemon) connectionErrors(ctx context.Context) {
 		st := d.client.Stats()
 		if st.LastError != "" && st.LastErrorAt.After(seen) {
 			seen = st.LastErrorAt
-			// A reconnect the agent asked for (new certificate) is no error.
-			if !strings.Contains(st.LastError, redialRenewed) {
-				d.counters.SetError(errors.New(st.LastError))
-			}
+			d.counters.SetError(errors.New(st.LastError))
 		}
 	}
 }

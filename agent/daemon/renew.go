@@ -608,10 +608,6 @@ func (d *daemon) renewNow(ctx context.Context) error {
 	return nil
 }
 
-// redialRenewed is the reason given for the reconnect after a renewal; the
-// status counters do not report it as an error.
-const redialRenewed = "certificate renewed"
-
 // redialWithNewKey moves the live broker connection to the new pair (one
 // reconnect) and reports whether it came back with a full handshake signed
 // by the new key within reconnectWait. When offline it does nothing: the
@@ -621,7 +617,7 @@ func (d *daemon) redialWithNewKey(ctx context.Context, key *tpmkeys.Key) bool {
 		return false
 	}
 	sigs := key.Signatures()
-	if !d.client.Redial(redialRenewed) {
+	if !d.client.Redial("certificate renewed") {
 		d.log.Info("renewal: broker offline; the next connection uses the new certificate")
 		return false
 	}
