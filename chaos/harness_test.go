@@ -133,20 +133,41 @@ func (tr *tracker) result(n int, name string, rec time.Duration) result {
 	return r
 }
 
-// missing lists up to 10 offered values not received (for failure messages).
-func (tr *tracker) missing() []int {
+// missing describes the offered values not received as ranges ("2900-4999
+// 5100"), at most 10 of them, for failure messages.
+func (tr *tracker) missing() string {
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
-	var out []int
-	for _, v := range tr.offered {
-		if tr.seen[v] == 0 {
-			out = append(out, v)
-			if len(out) == 10 {
-				break
-			}
+	var spans []string
+	lo, hi, n := -1, -1, 0
+	flush := func() {
+		if lo < 0 {
+			return
 		}
+		if lo == hi {
+			spans = append(spans, fmt.Sprint(lo))
+		} else {
+			spans = append(spans, fmt.Sprintf("%d-%d", lo, hi))
+		}
+		lo = -1
 	}
-	return out
+	for _, v := range tr.offered {
+		if tr.seen[v] != 0 {
+			continue
+		}
+		n++
+		if lo >= 0 && v == hi+1 {
+			hi = v
+			continue
+		}
+		flush()
+		lo, hi = v, v
+	}
+	flush()
+	if len(spans) > 10 {
+		spans = append(spans[:10], "…")
+	}
+	return fmt.Sprintf("%d missing: [%s]", n, strings.Join(spans, " "))
 }
 
 // stream sends readings {"name":"t","value":N} with rising N to the agent's
@@ -473,7 +494,7 @@ func finish(t *testing.T, n int, name, note string, tr *tracker, s *stream, rec 
 	s.halt()
 	want := tr.snapshot()
 	if _, ok := tr.waitDelivered(want, drainTimeout); !ok {
-		t.Errorf("%s: not every offered reading arrived within %v; first missing: %v", name, drainTimeout, tr.missing())
+		t.Errorf("%s: not every offered reading arrived within %v; %v", name, drainTimeout, tr.missing())
 	}
 	// Late duplicates (resent after a lost PUBACK) arrive after the drain.
 	time.Sleep(300 * time.Millisecond)

@@ -69,7 +69,7 @@ func TestScenario3Network(t *testing.T) {
 	up := time.Now()
 	rec, ok := tr.recovered(tr.mark(), up, 90*time.Second)
 	if !ok {
-		t.Errorf("backlog not delivered within 90 s after the link came back; missing %v", tr.missing())
+		t.Errorf("backlog not delivered within 90 s after the link came back; %v", tr.missing())
 	}
 	time.Sleep(time.Second)
 	note := fmt.Sprintf("loss %v, latency %v, down %v", lossFor, latFor, downFor)

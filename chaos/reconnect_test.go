@@ -48,7 +48,7 @@ func TestScenario7Reconnects(t *testing.T) {
 	elapsed := time.Since(start)
 	rec, ok := tr.recovered(tr.mark(), time.Now(), 60*time.Second)
 	if !ok {
-		t.Errorf("backlog not delivered; missing %v", tr.missing())
+		t.Errorf("backlog not delivered; %v", tr.missing())
 	}
 	snap, err := a.snap()
 	if err != nil {

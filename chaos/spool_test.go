@@ -66,7 +66,7 @@ func TestScenario6SpoolFull(t *testing.T) {
 	back := time.Now()
 	rec, ok := tr.recovered(tr.mark(), back, 90*time.Second)
 	if !ok {
-		t.Errorf("backlog not delivered within 90 s after the broker came back; missing %v", tr.missing())
+		t.Errorf("backlog not delivered within 90 s after the broker came back; %v", tr.missing())
 	}
 	time.Sleep(2 * time.Second)
 	snap, err := a.snap()

@@ -59,7 +59,7 @@ func TestScenario4TPMRestarted(t *testing.T) {
 	back := time.Now()
 	rec, ok := tr.recovered(tr.mark(), back, 60*time.Second)
 	if !ok {
-		t.Errorf("backlog not delivered within 60 s after swtpm came back; missing %v\n%s", tr.missing(), tail(a.log, 3000))
+		t.Errorf("backlog not delivered within 60 s after swtpm came back; %v\n%s", tr.missing(), tail(a.log, 3000))
 	}
 	time.Sleep(time.Second)
 	after, _ := a.snap()
@@ -80,6 +80,7 @@ func TestScenario5BrokerCertificates(t *testing.T) {
 	d := newDevice(t, pki, br)
 	tr := newTracker()
 	subscriber(t, pki, br, "devices/"+d.ID+"/telemetry", tr, other.CA)
+	br.Save()
 	a := newAgent(t, d, writeConfig(t, d, confOpts{}), "")
 	a.start()
 	if !a.waitConnected(15 * time.Second) {
@@ -94,7 +95,7 @@ func TestScenario5BrokerCertificates(t *testing.T) {
 	br.Reconfigure(rotated)
 	rec1, ok := tr.recovered(tr.mark(), time.Now(), 60*time.Second)
 	if !ok {
-		t.Errorf("no recovery after the certificate rotation; missing %v", tr.missing())
+		t.Errorf("no recovery after the certificate rotation; %v", tr.missing())
 	}
 	time.Sleep(time.Second)
 
@@ -125,7 +126,7 @@ func TestScenario5BrokerCertificates(t *testing.T) {
 	br.Reconfigure(rotated)
 	rec2, ok := tr.recovered(tr.mark(), time.Now(), 60*time.Second)
 	if !ok {
-		t.Errorf("no recovery after a trusted certificate came back; missing %v", tr.missing())
+		t.Errorf("no recovery after a trusted certificate came back; %v", tr.missing())
 	}
 	time.Sleep(time.Second)
 	finish(t, 5, "broker cert rotated; untrusted CA refused", "", tr, s, max(rec1, rec2), 60*time.Second, a.log)

@@ -172,6 +172,44 @@ func (m *Mosquitto) stop(sig syscall.Signal) {
 	}
 }
 
+// Save makes a broker with persistence write its database now (SIGUSR1)
+// and waits until the file is there, so that a SIGKILL from then on
+// restores at least this state. mosquitto's autosave runs at most every
+// autosave_interval seconds: a broker killed before its first save comes
+// back without the subscriptions made so far, and what is published before
+// the subscribers return is dropped. The broker's Extra lines must set
+// persistence_location.
+func (m *Mosquitto) Save() {
+	m.t.Helper()
+	var dbPath string
+	for _, l := range m.opts.Extra {
+		if loc, ok := strings.CutPrefix(l, "persistence_location "); ok {
+			dbPath = filepath.Join(strings.TrimSpace(loc), "mosquitto.db")
+		}
+	}
+	if dbPath == "" {
+		m.t.Fatal("testenv: mosquitto save: no persistence_location in MosquittoOptions.Extra")
+	}
+	before, _ := os.Stat(dbPath)
+	m.mu.Lock()
+	cmd := m.cmd
+	m.mu.Unlock()
+	if cmd == nil {
+		m.t.Fatal("testenv: mosquitto save: broker not running")
+	}
+	if err := cmd.Process.Signal(syscall.SIGUSR1); err != nil {
+		m.t.Fatalf("testenv: mosquitto save: %v", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if fi, err := os.Stat(dbPath); err == nil && (before == nil || !os.SameFile(before, fi) || fi.ModTime().After(before.ModTime())) {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	m.t.Fatalf("testenv: mosquitto did not write %s within 10 s of SIGUSR1:\n%s", dbPath, m.LogText())
+}
+
 // Restart stops and starts the broker on the same port.
 func (m *Mosquitto) Restart() {
 	m.t.Helper()
