@@ -8,6 +8,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -26,6 +27,8 @@ type fixture struct {
 	sealer *seal.Sealer
 	run    *Runner
 	out    *bytes.Buffer
+	priv   *seal.PrivateKey
+	pool   *x509.CertPool
 }
 
 func newFixture(t testing.TB, opts seal.CollectorOptions) *fixture {
@@ -49,7 +52,7 @@ func newFixture(t testing.TB, opts seal.CollectorOptions) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{sealer: s, out: new(bytes.Buffer)}
+	f := &fixture{sealer: s, out: new(bytes.Buffer), priv: priv, pool: pki.Pool()}
 	f.run, err = New(Options{Collector: col, Output: f.out, SweepEvery: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
