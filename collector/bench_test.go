@@ -1,8 +1,10 @@
 package collector
 
 import (
+	"context"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -70,4 +72,65 @@ func BenchmarkHandleFrameFile(b *testing.B) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "frames/s")
+}
+
+// BenchmarkHandleFrameState: into a file with a State (group commit by
+// Run every CommitEvery or CommitFrames, acknowledgements after the
+// commit), and with a synchronous commit after every frame (what a handler
+// that waits for its own commit would cost) for comparison.
+func BenchmarkHandleFrameState(b *testing.B) {
+	for _, bc := range []struct {
+		name string
+		each bool
+	}{{"group", false}, {"every-frame", true}} {
+		b.Run(bc.name, func(b *testing.B) {
+			f := newFixture(b, seal.CollectorOptions{})
+			dir := b.TempDir()
+			out, err := os.OpenFile(filepath.Join(dir, "out.jsonl"), os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer out.Close()
+			st, err := OpenState(filepath.Join(dir, "state"), StateOptions{Output: out})
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer st.Close()
+			col, err := seal.NewCollector(f.priv, f.pool, seal.CollectorOptions{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			run, err := New(Options{Collector: col, Output: out, State: st})
+			if err != nil {
+				b.Fatal(err)
+			}
+			ann, frames := benchFrames(b, f, b.N)
+			var acked atomic.Int64
+			ack := func() { acked.Add(1) }
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- run.Run(ctx) }()
+			b.ResetTimer()
+			run.handleAnnouncement(msg(seal.SessionsTopic("dev-0001"), ann), ack)
+			for i := 0; i < b.N; i++ {
+				run.handleFrame(msg(frameTopic, frames[i]), ack)
+				if bc.each {
+					if err := run.Commit(); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			cancel()
+			if err := <-done; err != nil {
+				b.Fatal(err)
+			}
+			b.StopTimer()
+			if acked.Load() != int64(b.N)+1 {
+				b.Fatalf("acknowledged %d of %d", acked.Load(), b.N+1)
+			}
+			s := run.Stats()
+			b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "frames/s")
+			b.ReportMetric(float64(s.Commits), "commits")
+		})
+	}
 }

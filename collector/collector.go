@@ -23,6 +23,7 @@ import (
 	"io"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -39,12 +40,26 @@ const (
 	DefaultSessionsFilter = "devices/+/sessions"
 	DefaultFramesFilter   = "devices/+/telemetry/sealed"
 	DefaultSweepEvery     = time.Second
+	DefaultCommitEvery    = 20 * time.Millisecond
+	DefaultCommitFrames   = 2048
 )
 
 // Subscriber is what the runner needs of a broker connection;
 // *transport.Client implements it. Subscriptions must survive reconnects.
 type Subscriber interface {
 	Subscribe(ctx context.Context, topic string, qos byte, handler func(transport.Message)) error
+}
+
+// AckSubscriber is a Subscriber that leaves each QoS 1 message
+// unacknowledged until the handler calls ack. A Runner with a State calls
+// ack only after the message's output and state are committed, which is
+// what makes the output exactly-once across crashes: a message not
+// committed is not acknowledged, so the broker delivers it again.
+// (*transport.Client acknowledges a message when it queues it for the
+// handler, so with it a crash can lose the messages queued and not yet
+// committed; see docs/SEALED-TELEMETRY.md section 8.5.)
+type AckSubscriber interface {
+	SubscribeAck(ctx context.Context, topic string, qos byte, handler func(m transport.Message, ack func())) error
 }
 
 // Options configure a Runner.
@@ -63,6 +78,17 @@ type Options struct {
 	SweepEvery time.Duration
 	// Logger; nil discards.
 	Logger *slog.Logger
+	// State, when set, makes the output exactly-once across restarts:
+	// output and replay windows are committed together (group commit every
+	// CommitEvery or CommitFrames frames), acknowledgements wait for the
+	// commit, and the sessions it holds are announced to Collector again
+	// at New. The Output must then be the State's output file (or
+	// standard output when the State has none).
+	State *State
+	// CommitEvery (default 20 ms) and CommitFrames (default 2048) bound
+	// how long and how many frames a commit waits for.
+	CommitEvery  time.Duration
+	CommitFrames int
 }
 
 // Stats are the runner's counters: the seal.Collector's verdicts plus what
@@ -84,6 +110,8 @@ type Stats struct {
 	Sessions         int    `json:"sessions"`          // sessions open now
 	DecodeErrors     uint64 `json:"decode_errors"`     // authentic frames whose plaintext is no batch (written raw)
 	WriteErrors      uint64 `json:"write_errors"`      // output write failures
+	Commits          uint64 `json:"commits"`           // state commits (0 without a state)
+	Restored         int    `json:"restored_sessions"` // sessions read from the state at start
 }
 
 // Rejected sums the frames and announcements refused: replays (a QoS1
@@ -100,13 +128,27 @@ type Runner struct {
 	c    *seal.Collector
 	log  *slog.Logger
 
-	mu  sync.Mutex // guards out
-	out *bufio.Writer
-	buf []byte
+	mu      sync.Mutex // guards out, the state and what follows
+	out     *bufio.Writer
+	buf     []byte
+	state   *State
+	written int64 // output bytes handed to out
+	acks    []func()
+	frames  int // frames opened since the last commit
+	// Frames and announcements the state rejected after the seal.Collector
+	// accepted them (it forgot them in a restart).
+	stReplays, stTooOld, stBadAnn, stAfterOpen uint64
+	restored                                   int
+	restoredAnns                               uint64
+
+	commitMu sync.Mutex // serializes commits
+	failed   error      // first commit failure: nothing is acknowledged after it
+	kick     chan struct{}
 
 	readings     atomic.Uint64
 	decodeErrors atomic.Uint64
 	writeErrors  atomic.Uint64
+	commits      atomic.Uint64
 }
 
 // New checks opts and returns a Runner.
@@ -126,7 +168,27 @@ func New(opts Options) (*Runner, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Runner{opts: opts, c: opts.Collector, log: opts.Logger, out: bufio.NewWriterSize(opts.Output, 64<<10)}, nil
+	if opts.CommitEvery <= 0 {
+		opts.CommitEvery = DefaultCommitEvery
+	}
+	if opts.CommitFrames <= 0 {
+		opts.CommitFrames = DefaultCommitFrames
+	}
+	r := &Runner{opts: opts, c: opts.Collector, log: opts.Logger, out: bufio.NewWriterSize(opts.Output, 64<<10),
+		state: opts.State, kick: make(chan struct{}, 1)}
+	if r.state != nil {
+		r.written = r.state.OutputLen()
+		r.restored = r.state.Restored()
+		topics, payloads := r.state.Sessions()
+		for i := range topics {
+			if _, err := r.c.HandleAnnouncement(topics[i], payloads[i]); err != nil {
+				r.log.Warn("session from the collector state no longer accepted; its frames will be parked and expire", "topic", topics[i], "err", err)
+				continue
+			}
+			r.restoredAnns++
+		}
+	}
+	return r, nil
 }
 
 // Subscribe subscribes the announcement and frame filters at QoS 1 on sub.
@@ -134,6 +196,15 @@ func New(opts Options) (*Runner, error) {
 // usually arrives before the frames it opens (frames that overtake it are
 // parked, not lost).
 func (r *Runner) Subscribe(ctx context.Context, sub Subscriber) error {
+	if as, ok := sub.(AckSubscriber); ok {
+		if err := as.SubscribeAck(ctx, r.opts.SessionsFilter, 1, r.handleAnnouncement); err != nil {
+			return fmt.Errorf("collector: subscribe %s: %w", r.opts.SessionsFilter, err)
+		}
+		if err := as.SubscribeAck(ctx, r.opts.FramesFilter, 1, r.handleFrame); err != nil {
+			return fmt.Errorf("collector: subscribe %s: %w", r.opts.FramesFilter, err)
+		}
+		return nil
+	}
 	if err := sub.Subscribe(ctx, r.opts.SessionsFilter, 1, r.HandleAnnouncement); err != nil {
 		return fmt.Errorf("collector: subscribe %s: %w", r.opts.SessionsFilter, err)
 	}
@@ -143,11 +214,19 @@ func (r *Runner) Subscribe(ctx context.Context, sub Subscriber) error {
 	return nil
 }
 
-// Run expires parked frames every SweepEvery until ctx ends, then flushes
-// the output. Call Subscribe first.
+// Run expires parked frames every SweepEvery and, with a State, commits
+// every CommitEvery, until ctx ends; then it flushes the output (and with a
+// State commits and writes a snapshot). Call Subscribe first. With a State
+// a failed commit ends Run with its error: nothing more is acknowledged.
 func (r *Runner) Run(ctx context.Context) error {
 	t := time.NewTicker(r.opts.SweepEvery)
 	defer t.Stop()
+	var commitC <-chan time.Time
+	if r.state != nil {
+		ct := time.NewTicker(r.opts.CommitEvery)
+		defer ct.Stop()
+		commitC = ct.C
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -156,29 +235,88 @@ func (r *Runner) Run(ctx context.Context) error {
 			if n := r.c.Sweep(); n > 0 {
 				r.log.Warn("parked frames dropped: their announcement never came", "frames", n)
 			}
+		case <-commitC:
+			if err := r.Commit(); err != nil {
+				return err
+			}
+		case <-r.kick:
+			if err := r.Commit(); err != nil {
+				return err
+			}
 		}
 	}
 }
 
 // HandleAnnouncement verifies an announcement (a message on the sessions
 // filter) and writes the parked frames it opens.
-func (r *Runner) HandleAnnouncement(m transport.Message) {
+func (r *Runner) HandleAnnouncement(m transport.Message) { r.handleAnnouncement(m, nil) }
+
+func (r *Runner) handleAnnouncement(m transport.Message, ack func()) {
+	r.mu.Lock()
+	defer r.done(ack)
+	defer r.mu.Unlock()
+	if r.state != nil {
+		if a, err := seal.ParseAnnouncement(m.Payload); err == nil && topicDevice(m.Topic) == a.DeviceID && r.state.retiredSession(a.DeviceID, a.SessionID) {
+			r.stBadAnn++
+			r.log.Warn("session announcement rejected: the collector state retired this session (replay of an old announcement?)", "topic", m.Topic, "session", hex12(a.SessionID))
+			return
+		}
+	}
 	msgs, err := r.c.HandleAnnouncement(m.Topic, m.Payload)
 	if err != nil {
 		r.log.Warn("session announcement rejected", "topic", m.Topic, "bytes", len(m.Payload), "err", err)
+	} else if r.state != nil {
+		if _, err := r.state.addAnnouncement(m.Topic, m.Payload, time.Now()); err != nil {
+			r.log.Error("accepted announcement not recorded in the collector state", "topic", m.Topic, "err", err)
+		}
 	}
 	if len(msgs) > 0 {
-		r.write(msgs...)
+		r.writeLocked(msgs...)
+	}
+}
+
+// done acknowledges a message handled (ack may be nil): at once without a
+// State, after the next commit with one. Called after r.mu is released.
+func (r *Runner) done(ack func()) {
+	if r.state == nil {
+		if ack != nil {
+			ack()
+		}
+		return
+	}
+	r.mu.Lock()
+	if ack != nil {
+		r.acks = append(r.acks, ack)
+	}
+	full := len(r.acks)+r.frames >= r.opts.CommitFrames
+	r.mu.Unlock()
+	if full {
+		select {
+		case r.kick <- struct{}{}:
+		default:
+		}
 	}
 }
 
 // HandleFrame opens a sealed frame (a message on the frames filter) and
 // writes its readings; a rejected frame writes nothing.
-func (r *Runner) HandleFrame(m transport.Message) {
+func (r *Runner) HandleFrame(m transport.Message) { r.handleFrame(m, nil) }
+
+func (r *Runner) handleFrame(m transport.Message, ack func()) {
+	r.mu.Lock()
+	defer r.done(ack)
+	defer r.mu.Unlock()
+	if r.state != nil {
+		if f, err := seal.ParseFrame(m.Payload); err == nil && r.state.retiredSession(topicDevice(m.Topic), f.SessionID) {
+			r.stTooOld++
+			r.log.Debug("frame of a session the collector state retired dropped", "topic", m.Topic, "session", hex12(f.SessionID), "seq", f.Seq)
+			return
+		}
+	}
 	msg, err := r.c.Open(m.Topic, m.Payload)
 	switch {
 	case err == nil:
-		r.write(msg)
+		r.writeLocked(msg)
 	case errors.Is(err, seal.ErrUnknownSession):
 		r.log.Debug("frame parked until its announcement arrives", "topic", m.Topic, "err", err)
 	case errors.Is(err, seal.ErrReplay):
@@ -189,8 +327,12 @@ func (r *Runner) HandleFrame(m transport.Message) {
 	}
 }
 
-// Flush writes buffered output.
+// Flush writes buffered output; with a State it commits and writes a
+// snapshot.
 func (r *Runner) Flush() error {
+	if r.state != nil {
+		return r.commit(true)
+	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if err := r.out.Flush(); err != nil {
@@ -200,9 +342,78 @@ func (r *Runner) Flush() error {
 	return nil
 }
 
+// Commit makes what was written durable with the state (output fsync, then
+// the state record), then acknowledges the messages it covers. Without a
+// State it only flushes. After a failed commit every later one fails with
+// the same error and nothing more is acknowledged.
+func (r *Runner) Commit() error {
+	if r.state == nil {
+		return r.Flush()
+	}
+	return r.commit(false)
+}
+
+func (r *Runner) commit(snapshot bool) error {
+	r.commitMu.Lock()
+	defer r.commitMu.Unlock()
+	if r.failed != nil {
+		return r.failed
+	}
+	r.mu.Lock()
+	locked := true
+	defer func() {
+		if locked {
+			r.mu.Unlock()
+		}
+	}()
+	if err := r.out.Flush(); err != nil {
+		r.writeErrors.Add(1)
+		r.failed = fmt.Errorf("collector: write output: %w", err)
+		return r.failed
+	}
+	snapshot = snapshot || r.state.needsCompaction()
+	if len(r.acks) == 0 && r.frames == 0 && len(r.state.pend.Anns) == 0 && len(r.state.pend.Marks) == 0 && !snapshot {
+		return nil
+	}
+	rec := r.state.takePending(r.written)
+	acks := r.acks
+	r.acks, r.frames = nil, 0
+	if !snapshot {
+		// Handlers go on writing (beyond rec.Out) while this commits.
+		r.mu.Unlock()
+		locked = false
+	}
+	if err := r.state.commit(rec); err != nil {
+		r.failed = err
+		return err
+	}
+	if snapshot {
+		// Under r.mu: nothing is pending, so the windows are all committed.
+		if err := r.state.snapshot(); err != nil {
+			r.failed = err
+			return err
+		}
+	}
+	r.commits.Add(1)
+	for _, a := range acks {
+		a()
+	}
+	return nil
+}
+
 // Stats returns a snapshot of the counters.
 func (r *Runner) Stats() Stats {
 	s := r.c.Stats()
+	if r.state != nil {
+		r.mu.Lock()
+		s.Gaps = r.state.gaps()
+		s.Replays += r.stReplays
+		s.TooOld += r.stTooOld
+		s.BadAnnouncements += r.stBadAnn
+		s.Opened -= r.stAfterOpen
+		s.Announcements -= r.restoredAnns
+		r.mu.Unlock()
+	}
 	return Stats{
 		Opened:           s.Opened,
 		Readings:         r.readings.Load(),
@@ -220,14 +431,33 @@ func (r *Runner) Stats() Stats {
 		Sessions:         s.Sessions,
 		DecodeErrors:     r.decodeErrors.Load(),
 		WriteErrors:      r.writeErrors.Load(),
+		Commits:          r.commits.Load(),
+		Restored:         r.restored,
 	}
 }
 
-// write emits one line per reading of each opened message and flushes.
-func (r *Runner) write(msgs ...seal.Message) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+// writeLocked emits one line per reading of each opened message the state
+// (if any) has not seen, and flushes unless a State's commit will. The
+// caller holds r.mu.
+func (r *Runner) writeLocked(msgs ...seal.Message) {
 	for _, m := range msgs {
+		if r.state != nil {
+			switch err := r.state.check(m.DeviceID, m.SessionID, m.Seq); {
+			case errors.Is(err, seal.ErrReplay):
+				r.stReplays++
+				r.stAfterOpen++
+				r.log.Debug("frame already written before a restart dropped", "device", m.DeviceID, "session", hex12(m.SessionID), "seq", m.Seq)
+				continue
+			case err != nil:
+				// Too old, or (never expected) a session the state lacks.
+				r.stTooOld++
+				r.stAfterOpen++
+				r.log.Debug("frame dropped by the collector state", "device", m.DeviceID, "session", hex12(m.SessionID), "seq", m.Seq, "err", err)
+				continue
+			}
+			r.state.mark(m.DeviceID, m.SessionID, m.Seq, time.Now())
+			r.frames++
+		}
 		rs, err := batch.Decode(m.Plaintext)
 		if err != nil {
 			r.decodeErrors.Add(1)
@@ -255,6 +485,9 @@ func (r *Runner) write(msgs ...seal.Message) {
 			r.readings.Add(1)
 		}
 	}
+	if r.state != nil {
+		return // the commit flushes
+	}
 	if err := r.out.Flush(); err != nil {
 		r.writeErrors.Add(1)
 		r.log.Error("collector output not written", "err", err)
@@ -262,10 +495,25 @@ func (r *Runner) write(msgs ...seal.Message) {
 }
 
 func (r *Runner) emit() {
-	if _, err := r.out.Write(r.buf); err != nil {
+	n, err := r.out.Write(r.buf)
+	r.written += int64(n)
+	if err != nil {
 		r.writeErrors.Add(1)
 	}
 }
+
+// topicDevice is the device id of devices/{id}/... ("" otherwise).
+func topicDevice(topic string) string {
+	rest, ok := strings.CutPrefix(topic, "devices/")
+	if !ok {
+		return ""
+	}
+	id, _, _ := strings.Cut(rest, "/")
+	return id
+}
+
+// hex12 is a session id as 12 hex digits.
+func hex12(id uint64) string { return string(appendSessionID(nil, id)) }
 
 // appendHead writes {"device":…,"session":…,"seq":…,"topic":… (no closing brace).
 func appendHead(b []byte, m seal.Message) []byte {

@@ -29,6 +29,8 @@ type fixture struct {
 	out    *bytes.Buffer
 	priv   *seal.PrivateKey
 	pool   *x509.CertPool
+	key    crypto.Signer
+	chain  [][]byte
 }
 
 func newFixture(t testing.TB, opts seal.CollectorOptions) *fixture {
@@ -52,7 +54,7 @@ func newFixture(t testing.TB, opts seal.CollectorOptions) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	f := &fixture{sealer: s, out: new(bytes.Buffer), priv: priv, pool: pki.Pool()}
+	f := &fixture{sealer: s, out: new(bytes.Buffer), priv: priv, pool: pki.Pool(), key: k, chain: [][]byte{cert.Raw}}
 	f.run, err = New(Options{Collector: col, Output: f.out, SweepEvery: 10 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -116,7 +118,6 @@ func TestOutputLines(t *testing.T) {
 	}
 }
 
-func hex12(id uint64) string { return string(appendSessionID(nil, id)) }
 
 // TestRejections: duplicates, forgeries, moved and malformed frames write
 // nothing and are counted; a frame before its announcement is parked and
