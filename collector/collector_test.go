@@ -118,7 +118,6 @@ func TestOutputLines(t *testing.T) {
 	}
 }
 
-
 // TestRejections: duplicates, forgeries, moved and malformed frames write
 // nothing and are counted; a frame before its announcement is parked and
 // written once the announcement arrives; a plaintext that is not a batch is
