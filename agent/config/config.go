@@ -99,6 +99,13 @@ type Seal struct {
 	CollectorPrivateKey string `mapstructure:"collector_private_key"`
 	FleetCA             string `mapstructure:"fleet_ca"`
 	Output              string `mapstructure:"output"`
+	// StateDir holds the collector's durable state (replay windows and the
+	// committed output length), which keeps the output exactly-once across
+	// collector restarts; "" keeps it in memory only.
+	StateDir string `mapstructure:"state_dir"`
+	// MaxSessionAge: older sessions are rejected and forgotten (also by
+	// the state).
+	MaxSessionAge time.Duration `mapstructure:"max_session_age"`
 }
 
 // Spool configures the durable store-and-forward queue.
@@ -234,6 +241,8 @@ func Defaults(v *viper.Viper) {
 		"seal.collector_private_key": "",
 		"seal.fleet_ca":              "",
 		"seal.output":                "-",
+		"seal.state_dir":             "",
+		"seal.max_session_age":       "720h",
 		"spool.dir":                  "/var/lib/tpmagent/spool",
 		"spool.max_bytes":            "256MiB",
 		"spool.fsync":                "batch",

@@ -27,11 +27,12 @@ import (
 func (a *app) newCollectCmd() *cobra.Command {
 	var (
 		output    string
+		stateDir  string
 		jsonStats bool
 		clientID  string
 	)
 	cmd := &cobra.Command{
-		Use:   "collect [--output FILE] [--json-stats] [--client-id ID]",
+		Use:   "collect [--output FILE] [--state-dir DIR] [--json-stats] [--client-id ID]",
 		Short: "Backend: subscribe, verify and open sealed telemetry, write JSON lines, count gaps and rejections",
 		Long: `collect is the fleet backend for sealed telemetry (docs/SEALED-TELEMETRY.md).
 It connects to broker.urls with its own mutual-TLS identity (broker.cert_file
@@ -52,6 +53,16 @@ devices/+/sessions and to the sealed telemetry topic (telemetry.topic with
     QoS 1 redeliveries are suppressed: every reading is written exactly once
     while the process runs.
 
+With seal.state_dir / --state-dir the replay windows and the committed
+output length are kept on disk (DIR/collector.state and DIR/collector.log),
+so a restarted collector neither writes a reading again nor leaves a torn
+line: output is written, then fsynced together with the state every 20 ms,
+and lines written after the last commit are truncated at the next start
+(their frames come again from the broker). A damaged state file stops the
+collector (exit 2) with the file and the fix; it never starts from empty on
+its own. Sessions older than seal.max_session_age are forgotten. Guarantees
+and limits: docs/SEALED-TELEMETRY.md section 8.5.
+
 It runs until SIGINT or SIGTERM, then prints its counters (opened, readings,
 gaps, replays_rejected, forged_rejected, wrong_device, unknown_session,
 bad_announcements, ...): to standard output when the readings go to a file,
@@ -69,11 +80,15 @@ configuration error.`,
 			if cmd.Flags().Changed("output") {
 				cfg.Seal.Output = output
 			}
+			if cmd.Flags().Changed("state-dir") {
+				cfg.Seal.StateDir = stateDir
+			}
 			return a.runCollect(cmd.Context(), cfg, clientID, jsonStats)
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&output, "output", "", `file the JSON lines are appended to ("-": standard output; default seal.output)`)
+	f.StringVar(&stateDir, "state-dir", "", "directory of the durable collector state (default seal.state_dir; empty: in memory only)")
 	f.BoolVar(&jsonStats, "json-stats", false, "print the counters on exit as one JSON object")
 	f.StringVar(&clientID, "client-id", "", `MQTT client id, stable so the broker keeps the session (default: device_id, else "tpmagent-collector")`)
 	return cmd
@@ -99,19 +114,35 @@ func (a *app) runCollect(ctx context.Context, cfg *config.Config, clientID strin
 	if err != nil {
 		return usageError{err}
 	}
-	col, err := seal.NewCollector(priv, fleet, seal.CollectorOptions{})
+	col, err := seal.NewCollector(priv, fleet, seal.CollectorOptions{MaxSessionAge: cfg.Seal.MaxSessionAge})
 	if err != nil {
 		return fmt.Errorf("collect: %w", err)
 	}
 
 	out, statsOut := a.stdout, a.stderr
+	var outFile *os.File
 	if cfg.Seal.Output != "" && cfg.Seal.Output != "-" {
-		f, err := os.OpenFile(cfg.Seal.Output, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+		f, err := os.OpenFile(cfg.Seal.Output, os.O_RDWR|os.O_CREATE|os.O_APPEND, 0o600)
 		if err != nil {
 			return fmt.Errorf("collect: seal.output %s: %w (check the directory exists and is writable)", cfg.Seal.Output, err)
 		}
 		defer f.Close()
-		out, statsOut = f, a.stdout
+		out, statsOut, outFile = f, a.stdout, f
+	}
+	var state *collector.State
+	if cfg.Seal.StateDir != "" {
+		state, err = collector.OpenState(cfg.Seal.StateDir, collector.StateOptions{
+			Output:        outFile,
+			MaxSessionAge: cfg.Seal.MaxSessionAge,
+			Logger:        log,
+		})
+		if err != nil {
+			return usageError{fmt.Errorf("collect: seal.state_dir: %w", err)}
+		}
+		defer state.Close()
+		log.Info("collector state opened", "dir", cfg.Seal.StateDir, "state", state.Describe(), "truncated_bytes", state.Truncated())
+	} else {
+		log.Warn("seal.state_dir is empty: readings are exactly-once only while this process runs (a restart writes redelivered frames again)")
 	}
 	framesFilter := strings.ReplaceAll(cfg.Telemetry.Topic, "{device_id}", "+") + agent.SealedSuffix
 	run, err := collector.New(collector.Options{
@@ -120,6 +151,7 @@ func (a *app) runCollect(ctx context.Context, cfg *config.Config, clientID strin
 		SessionsFilter: collector.DefaultSessionsFilter,
 		FramesFilter:   framesFilter,
 		Logger:         log,
+		State:          state,
 	})
 	if err != nil {
 		return err
@@ -204,6 +236,7 @@ func printCollectStats(w io.Writer, s collector.Stats, asJSON bool) error {
 		{"unknown_session", s.Unknown}, {"held", s.Held}, {"expired", s.Expired},
 		{"announcements", s.Announcements}, {"bad_announcements", s.BadAnnouncements},
 		{"sessions", s.Sessions}, {"decode_errors", s.DecodeErrors}, {"write_errors", s.WriteErrors},
+		{"commits", s.Commits}, {"restored_sessions", s.Restored},
 	}
 	for _, r := range rows {
 		if _, err := fmt.Fprintf(w, "%-18s %v\n", r.name, r.v); err != nil {
