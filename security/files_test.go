@@ -23,6 +23,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/source"
 	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/internal/testdevice"
+	"github.com/tpmagent/tpmagent/internal/testenv"
 )
 
 // derKeyPrefixes start the DER encodings of private keys: PKCS#8 with an
@@ -179,16 +180,9 @@ func TestAgentWritesNoKeyMaterial(t *testing.T) {
 	go func() {
 		done <- daemon.Run(ctx, daemon.Options{Config: d.Config, Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))})
 	}()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := os.Stat(d.Config.Telemetry.Socket); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			cancel()
-			t.Fatal("agent socket never appeared")
-		}
-		time.Sleep(20 * time.Millisecond)
+	if err := testenv.WaitUnix(d.Config.Telemetry.Socket, 20*time.Second); err != nil {
+		cancel()
+		t.Fatalf("agent socket never accepted a connection: %v", err)
 	}
 	var lines strings.Builder
 	for i := 0; i < 500; i++ {

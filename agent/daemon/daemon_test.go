@@ -101,13 +101,11 @@ func lines(from, n int) string {
 
 func waitSocket(t *testing.T, path string) {
 	t.Helper()
-	for i := 0; i < 500; i++ {
-		if _, err := os.Stat(path); err == nil {
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
+	// Dial, not stat (CI once hung on a sender that connected between the
+	// agent's bind and listen).
+	if err := testenv.WaitUnix(path, 5*time.Second); err != nil {
+		t.Fatalf("telemetry socket %s never accepted a connection: %v", path, err)
 	}
-	t.Fatalf("telemetry socket %s never appeared", path)
 }
 
 // TestRunPublishesAndNotifiesSystemd runs the daemon against swtpm and a TLS

@@ -251,6 +251,9 @@ func startSender(t *testing.T, socket string, rate int) *sender {
 			err = fmt.Errorf("%d readings rejected", rejected)
 		}
 		s.err = err
+		// Fail the writer's next write instead of blocking it forever when
+		// Send ends early (connection refused or broken).
+		pr.CloseWithError(fmt.Errorf("sender: Send returned early: %v", err))
 	}()
 	go func() {
 		defer close(s.done)
@@ -273,8 +276,10 @@ func startSender(t *testing.T, socket string, rate int) *sender {
 					fmt.Fprintf(&b, "{\"name\":\"seq\",\"value\":%d}\n", s.sent)
 				}
 				if _, err := pw.Write(b.Bytes()); err != nil {
-					s.err = err
 					<-res
+					if s.err == nil {
+						s.err = err
+					}
 					return
 				}
 			}

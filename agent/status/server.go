@@ -26,7 +26,6 @@ func Serve(ctx context.Context, path string, c *Counters, log *slog.Logger) erro
 		<-ctx.Done()
 		l.Close()
 	}()
-	defer os.Remove(path)
 	for {
 		conn, err := l.Accept()
 		if err != nil {
@@ -49,6 +48,11 @@ func Serve(ctx context.Context, path string, c *Counters, log *slog.Logger) erro
 // creates the parent directory (0750) and removes a stale socket left by a
 // process that died, but refuses to replace a socket that still answers or a
 // file that is not a socket.
+//
+// The socket is bound under a temporary name, given its mode and only then
+// renamed to path, so that a client (or a script waiting with `test -S`)
+// never finds the file before it accepts connections or while it still has
+// the default mode. Close removes path if it is still this socket.
 func ListenUnix(path string, mode os.FileMode) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o750); err != nil {
 		return nil, fmt.Errorf("socket %s: create directory: %w", path, err)
@@ -65,16 +69,55 @@ func ListenUnix(path string, mode os.FileMode) (net.Listener, error) {
 			return nil, fmt.Errorf("socket %s: remove stale socket: %w", path, err)
 		}
 	}
-	l, err := net.Listen("unix", path)
+	tmp := filepath.Join(filepath.Dir(path), ".~"+filepath.Base(path))
+	if len(tmp) > maxUnixPath {
+		tmp = path // no room for a longer name: bind in place
+	}
+	_ = os.Remove(tmp) // left by a process killed between bind and rename
+	l, err := net.Listen("unix", tmp)
 	if err != nil {
 		return nil, fmt.Errorf("socket %s: listen: %w", path, err)
 	}
-	l.(*net.UnixListener).SetUnlinkOnClose(true)
-	if err := os.Chmod(path, mode); err != nil {
-		l.Close()
-		return nil, fmt.Errorf("socket %s: chmod %o: %w", path, mode, err)
+	ul := l.(*net.UnixListener)
+	ul.SetUnlinkOnClose(false)
+	fail := func(err error) (net.Listener, error) {
+		ul.Close()
+		os.Remove(tmp)
+		return nil, err
 	}
-	return l, nil
+	if err := os.Chmod(tmp, mode); err != nil {
+		return fail(fmt.Errorf("socket %s: chmod %o: %w", path, mode, err))
+	}
+	fi, err := os.Lstat(tmp)
+	if err != nil {
+		return fail(fmt.Errorf("socket %s: %w", path, err))
+	}
+	if tmp != path {
+		if err := os.Rename(tmp, path); err != nil {
+			return fail(fmt.Errorf("socket %s: rename from %s: %w", path, tmp, err))
+		}
+	}
+	return &unixListener{UnixListener: ul, path: path, fi: fi}, nil
+}
+
+// maxUnixPath is the longest socket path Linux takes (sun_path is 108
+// bytes with the terminating NUL).
+const maxUnixPath = 107
+
+// unixListener removes its socket file on Close unless another process
+// has replaced it meanwhile.
+type unixListener struct {
+	*net.UnixListener
+	path string
+	fi   os.FileInfo
+}
+
+func (l *unixListener) Close() error {
+	// Remove first, so that the file is gone when Accept returns.
+	if fi, err := os.Lstat(l.path); err == nil && os.SameFile(fi, l.fi) {
+		os.Remove(l.path)
+	}
+	return l.UnixListener.Close()
 }
 
 // Fetch reads one Snapshot from the status socket at path.

@@ -3,6 +3,7 @@ package status
 import (
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -52,6 +53,77 @@ func TestServeAndFetch(t *testing.T) {
 	}
 	if _, err := os.Stat(path); !os.IsNotExist(err) {
 		t.Fatalf("socket left behind: %v", err)
+	}
+}
+
+// TestListenUnixAppearsReady: the socket file appears only once it accepts
+// connections, with its final mode; no temporary name is left; Close
+// removes it but not a socket another process put there since.
+func TestListenUnixAppearsReady(t *testing.T) {
+	dir := t.TempDir()
+	long := filepath.Join(dir, strings.Repeat("s", 107-len(dir)-1)) // exactly the limit
+	for _, tc := range []struct {
+		name, path string
+		mode       os.FileMode
+		stale      bool // a temporary name left by a killed process
+	}{
+		{"plain", filepath.Join(dir, "a.sock"), 0o640, false},
+		{"stale temporary", filepath.Join(dir, "b.sock"), 0o660, true},
+		{"path at the length limit", long, 0o600, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tmp := filepath.Join(filepath.Dir(tc.path), ".~"+filepath.Base(tc.path))
+			if tc.stale {
+				if err := os.WriteFile(tmp, nil, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			l, err := ListenUnix(tc.path, tc.mode)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fi, err := os.Lstat(tc.path)
+			if err != nil || fi.Mode()&os.ModeSocket == 0 || fi.Mode().Perm() != tc.mode {
+				t.Fatalf("socket %v, %v; want a socket with mode %o", fi.Mode(), err, tc.mode)
+			}
+			if _, err := os.Lstat(tmp); !os.IsNotExist(err) {
+				t.Fatalf("temporary %s left: %v", tmp, err)
+			}
+			go func() {
+				if c, err := l.Accept(); err == nil {
+					c.Close()
+				}
+			}()
+			c, err := net.Dial("unix", tc.path)
+			if err != nil {
+				t.Fatalf("dial right after ListenUnix: %v", err)
+			}
+			c.Close()
+			if err := l.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := os.Lstat(tc.path); !os.IsNotExist(err) {
+				t.Fatalf("socket left after Close: %v", err)
+			}
+		})
+	}
+	// Close leaves a socket that replaced ours alone.
+	path := filepath.Join(dir, "c.sock")
+	l, err := ListenUnix(path, 0o660)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	other, err := ListenUnix(path, 0o660)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	l.Close()
+	if _, err := os.Lstat(path); err != nil {
+		t.Fatalf("Close of the old listener removed the new socket: %v", err)
 	}
 }
 

@@ -51,9 +51,20 @@ func NeedTool(t testing.TB, name, debPackage string) string {
 
 // WaitPort waits until addr accepts TCP connections or the timeout passes.
 func WaitPort(addr string, timeout time.Duration) error {
+	return waitDial("tcp", addr, timeout)
+}
+
+// WaitUnix waits until a Unix socket at path accepts connections. Waiting
+// for the file is not enough: it exists from bind(2) on, but connections
+// are refused until listen(2).
+func WaitUnix(path string, timeout time.Duration) error {
+	return waitDial("unix", path, timeout)
+}
+
+func waitDial(network, addr string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		c, err := net.DialTimeout(network, addr, 200*time.Millisecond)
 		if err == nil {
 			c.Close()
 			return nil
