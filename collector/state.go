@@ -456,11 +456,6 @@ func (s *State) retiredSession(dev string, sid uint64) bool {
 	return ok
 }
 
-// known reports whether the state has an open session (dev, sid).
-func (s *State) known(dev string, sid uint64) bool {
-	return s.sessions[sessKey{dev, sid}] != nil
-}
-
 // addAnnouncement records an accepted announcement (a new session) for the
 // next commit. It returns false if the session is known already.
 func (s *State) addAnnouncement(topic string, payload []byte, now time.Time) (bool, error) {
