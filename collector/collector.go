@@ -55,12 +55,14 @@ type Subscriber interface {
 // ack only after the message's output and state are committed, which is
 // what makes the output exactly-once across crashes: a message not
 // committed is not acknowledged, so the broker delivers it again.
-// (*transport.Client acknowledges a message when it queues it for the
-// handler, so with it a crash can lose the messages queued and not yet
-// committed; see docs/SEALED-TELEMETRY.md section 8.5.)
+// *transport.Client implements it with SubscribeAck (docs/SEALED-TELEMETRY.md
+// section 8.5).
 type AckSubscriber interface {
 	SubscribeAck(ctx context.Context, topic string, qos byte, handler func(m transport.Message, ack func())) error
 }
+
+// The collector's real subscriber acknowledges after the commit.
+var _ AckSubscriber = (*transport.Client)(nil)
 
 // Options configure a Runner.
 type Options struct {
@@ -253,7 +255,7 @@ func (r *Runner) HandleAnnouncement(m transport.Message) { r.handleAnnouncement(
 
 func (r *Runner) handleAnnouncement(m transport.Message, ack func()) {
 	r.mu.Lock()
-	defer r.done(ack)
+	defer r.done(ack, m.Queued)
 	defer r.mu.Unlock()
 	if r.state != nil {
 		if a, err := seal.ParseAnnouncement(m.Payload); err == nil && topicDevice(m.Topic) == a.DeviceID && r.state.retiredSession(a.DeviceID, a.SessionID) {
@@ -276,8 +278,13 @@ func (r *Runner) handleAnnouncement(m transport.Message, ack func()) {
 }
 
 // done acknowledges a message handled (ack may be nil): at once without a
-// State, after the next commit with one. Called after r.mu is released.
-func (r *Runner) done(ack func()) {
+// State, after the next commit with one. With a State it starts the commit
+// when the group is full or when no message is queued behind this one
+// (queued = transport.Message.Queued): the broker sends only so many
+// unacknowledged messages (mosquitto's max_inflight_messages, default 20),
+// so waiting for the CommitEvery tick would stall the stream. Called after
+// r.mu is released.
+func (r *Runner) done(ack func(), queued int) {
 	if r.state == nil {
 		if ack != nil {
 			ack()
@@ -290,7 +297,7 @@ func (r *Runner) done(ack func()) {
 	}
 	full := len(r.acks)+r.frames >= r.opts.CommitFrames
 	r.mu.Unlock()
-	if full {
+	if full || queued == 0 {
 		select {
 		case r.kick <- struct{}{}:
 		default:
@@ -304,7 +311,7 @@ func (r *Runner) HandleFrame(m transport.Message) { r.handleFrame(m, nil) }
 
 func (r *Runner) handleFrame(m transport.Message, ack func()) {
 	r.mu.Lock()
-	defer r.done(ack)
+	defer r.done(ack, m.Queued)
 	defer r.mu.Unlock()
 	if r.state != nil {
 		if f, err := seal.ParseFrame(m.Payload); err == nil && r.state.retiredSession(topicDevice(m.Topic), f.SessionID) {

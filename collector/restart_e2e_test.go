@@ -330,9 +330,9 @@ func TestCollectorKilledMidStream(t *testing.T) {
 	if len(dups) > 0 || lines != len(seen) {
 		t.Fatalf("readings written more than once: %d (first %v); %d lines for %d readings", len(dups), dups[:min(len(dups), 20)], lines, len(seen))
 	}
-	t.Logf("%d readings, %d lines, %d missing (acknowledged by the transport before the commit): %v; collector %+v", n, lines, len(missing), missing[:min(len(missing), 40)], st)
-	if len(missing) > 2*256*8 {
-		t.Fatalf("%d readings missing: more than two subscription queues of frames", len(missing))
+	t.Logf("%d readings, %d lines, %d missing; collector %+v", n, lines, len(missing), st)
+	if len(missing) > 0 {
+		t.Fatalf("%d readings missing after two kills (first %v): a frame was acknowledged before its commit", len(missing), missing[:min(len(missing), 40)])
 	}
 }
 

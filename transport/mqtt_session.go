@@ -75,6 +75,9 @@ func (c *Client) dial(ctx context.Context, ep endpoint) (*session, error) {
 		SetConnectRetry(false).
 		SetResumeSubs(false).
 		SetOrderMatters(true). // handlers only enqueue (see Subscribe)
+		// Acknowledgements are sent by deliver (on enqueue) or by the
+		// handler of a SubscribeAck subscription (when it is done).
+		SetAutoAckDisabled(true).
 		SetConnectTimeout(c.opts.ConnectTimeout).
 		SetWriteTimeout(c.opts.WriteTimeout).
 		SetStore(nullStore{}). // resending is the spool's job, not paho's
@@ -334,13 +337,26 @@ type Message struct {
 	QoS       byte
 	Retained  bool
 	Duplicate bool
+	// Queued is how many messages of the same subscription were waiting
+	// behind this one when its handler was called: 0 means the queue ran
+	// empty, the moment for a handler that commits in groups to commit.
+	Queued int
 }
 
 type subscription struct {
 	topic string
 	qos   byte
-	ch    chan Message
+	ch    chan delivery
 	stop  chan struct{}
+	// manual: the handler acknowledges (SubscribeAck); otherwise a
+	// message is acknowledged as soon as it is queued.
+	manual bool
+}
+
+// delivery is a queued message and its acknowledgement.
+type delivery struct {
+	m   Message
+	ack func()
 }
 
 // Subscribe registers handler for the topic filter at qos: subscribed on the
@@ -348,12 +364,34 @@ type subscription struct {
 // every reconnect. handler runs on a goroutine of its own, one message at a
 // time in arrival order. paho's reader only queues the message
 // (SubscriptionBuffer deep), so a slow handler does not stall keepalive
-// unless the queue is full. A QoS 1 message is acknowledged once queued.
+// unless the queue is full. A QoS 1 message is acknowledged once queued:
+// if the process dies before handler ran, the message is lost. Use
+// SubscribeAck when that matters.
 func (c *Client) Subscribe(ctx context.Context, topic string, qos byte, handler func(Message)) error {
+	return c.subscribe(ctx, topic, qos, false, func(m Message, _ func()) { handler(m) })
+}
+
+// SubscribeAck is Subscribe for handlers that acknowledge each QoS 1
+// message themselves, by calling ack once the message is safe (written
+// and synced, say): a message whose ack was not called before a crash or a
+// lost connection is delivered again by the broker (for a persistent
+// session, CleanSession false). Calling ack more than once is harmless;
+// an ack after the message's connection is gone is dropped (the broker
+// redelivers it on the next connection, where it must be acknowledged
+// again). PUBACKs go out in the order the acks are called; the broker
+// sends no more than its in-flight limit (mosquitto: max_inflight_messages,
+// default 20) unacknowledged messages, so a handler that holds acks back
+// to commit in groups should commit when its queue runs empty rather than
+// wait for a larger group.
+func (c *Client) SubscribeAck(ctx context.Context, topic string, qos byte, handler func(m Message, ack func())) error {
+	return c.subscribe(ctx, topic, qos, true, handler)
+}
+
+func (c *Client) subscribe(ctx context.Context, topic string, qos byte, manual bool, handler func(Message, func())) error {
 	if qos > 1 {
 		return fmt.Errorf("transport: subscribe %s: QoS %d not supported (use 0 or 1)", topic, qos)
 	}
-	sub := &subscription{topic: topic, qos: qos, ch: make(chan Message, c.opts.SubscriptionBuffer), stop: make(chan struct{})}
+	sub := &subscription{topic: topic, qos: qos, ch: make(chan delivery, c.opts.SubscriptionBuffer), stop: make(chan struct{}), manual: manual}
 	c.mu.Lock()
 	select {
 	case <-c.closing:
@@ -369,8 +407,9 @@ func (c *Client) Subscribe(ctx context.Context, topic string, qos byte, handler 
 		defer c.subWG.Done()
 		for {
 			select {
-			case m := <-sub.ch:
-				handler(m)
+			case d := <-sub.ch:
+				d.m.Queued = len(sub.ch)
+				handler(d.m, d.ack)
 			case <-sub.stop:
 				return
 			}
@@ -396,9 +435,17 @@ func (s *session) subscribe(ctx context.Context, sub *subscription) error {
 }
 
 func (sub *subscription) deliver(_ mqtt.Client, m mqtt.Message) {
-	msg := Message{Topic: m.Topic(), Payload: m.Payload(), QoS: m.Qos(), Retained: m.Retained(), Duplicate: m.Duplicate()}
+	d := delivery{m: Message{Topic: m.Topic(), Payload: m.Payload(), QoS: m.Qos(), Retained: m.Retained(), Duplicate: m.Duplicate()}, ack: m.Ack}
+	if !sub.manual {
+		d.ack = func() {}
+	}
 	select {
-	case sub.ch <- msg:
+	case sub.ch <- d:
+		if !sub.manual {
+			m.Ack()
+		}
 	case <-sub.stop:
+		// Not queued: not acknowledged either, so the broker sends it
+		// again to a persistent session.
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -827,5 +829,77 @@ func TestSubscribe(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("subscription lost across the reconnect")
+	}
+}
+
+// TestSubscribeAck: messages a SubscribeAck handler did not acknowledge
+// come back after the connection is cut (persistent session); acknowledged
+// ones do not. A plain Subscribe acknowledges on enqueue: nothing comes back.
+func TestSubscribeAck(t *testing.T) {
+	l := newMQLab(t)
+	proxy := newMQProxy(t, l.broker.Addr())
+	c := l.newClient(t, func(o *ClientOptions) {
+		o.URLs = []string{proxy.URL()}
+		o.TLS.ServerName = "127.0.0.1"
+	})
+	mqWaitConnected(t, c, 10*time.Second)
+	type rx struct {
+		m      Message
+		manual bool
+	}
+	got := make(chan rx, 200)
+	var ackAll atomic.Bool
+	if err := c.SubscribeAck(context.Background(), "devices/dev-0001/acked/#", 1, func(m Message, ack func()) {
+		// Acknowledge the first five (and everything once ackAll is set).
+		if n, _ := strconv.Atoi(string(m.Payload)); n < 5 || ackAll.Load() {
+			ack()
+			ack() // twice is harmless
+		}
+		got <- rx{m, true}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Subscribe(context.Background(), "devices/dev-0001/plain/#", 1, func(m Message) { got <- rx{m, false} }); err != nil {
+		t.Fatal(err)
+	}
+	pub := l.subscribe(t, "backend", "unused/x", 0, nil, false).pc
+	for i := 0; i < 10; i++ {
+		for _, sub := range []string{"acked", "plain"} {
+			if tok := pub.Publish("devices/dev-0001/"+sub+"/x", 1, false, strconv.Itoa(i)); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+				t.Fatalf("backend publish: %v", tok.Error())
+			}
+		}
+	}
+	// collect gathers what arrives until quiet for d.
+	collect := func(d time.Duration) (acked, plain []string) {
+		for {
+			select {
+			case r := <-got:
+				if r.manual {
+					acked = append(acked, string(r.m.Payload))
+				} else {
+					plain = append(plain, string(r.m.Payload))
+				}
+			case <-time.After(d):
+				return acked, plain
+			}
+		}
+	}
+	acked, plain := collect(time.Second)
+	if len(acked) != 10 || len(plain) != 10 {
+		t.Fatalf("first delivery: acked-subscription %v, plain %v; want 10 each", acked, plain)
+	}
+	ackAll.Store(true)
+	proxy.Cut()
+	mqWaitFor(t, 10*time.Second, "reconnect", func() bool { return c.Stats().Reconnects == 1 && c.Connected() })
+	acked, plain = collect(1500 * time.Millisecond)
+	slices.Sort(acked)
+	if want := []string{"5", "6", "7", "8", "9"}; !slices.Equal(acked, want) || len(plain) != 0 {
+		t.Fatalf("after the cut: acked-subscription redelivered %v (want %v), plain %v (want none)", acked, want, plain)
+	}
+	proxy.Cut()
+	mqWaitFor(t, 10*time.Second, "second reconnect", func() bool { return c.Stats().Reconnects == 2 && c.Connected() })
+	if acked, plain = collect(1500 * time.Millisecond); len(acked) != 0 || len(plain) != 0 {
+		t.Fatalf("after acknowledging everything: redelivered %v and %v", acked, plain)
 	}
 }
