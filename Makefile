@@ -94,3 +94,13 @@ demo-ota:
 N ?= 100
 fleet-test: build
 	N=$(N) bash scripts/fleet-test.sh
+
+# The amd64 package under a real systemd (PID 1) with a kernel TPM device
+# (/dev/tpmrm0, tpm_tis) backed by swtpm, in a qemu VM (KVM when it works,
+# TCG otherwise): install, Type=notify start, hardening, readings to a host
+# broker, reload, watchdog restart, stop. Root; caches the guest root file
+# system under /var/cache/tpmagent-vm. docs/DEPLOYMENT.md.
+.PHONY: vm-test
+vm-test:
+	VERSION=$(VERSION) COMMIT=$(COMMIT) ARCHES=amd64 bash scripts/deb.sh build
+	bash scripts/vm-test.sh

@@ -6,6 +6,7 @@ set -euo pipefail
 pkgs=(swtpm swtpm-tools tpm2-tools mosquitto mosquitto-clients openssl libssl-dev gcc
       qemu-user-static iproute2 nftables tshark procps psmisc ca-certificates make systemd
       rabbitmq-server
+      qemu-system-x86 debootstrap e2fsprogs socat util-linux
      )
 
 missing=()

@@ -4,6 +4,7 @@
 # swtpm, mosquitto, RabbitMQ, openssl, tpm2-tools and tshark started by the
 # tests); cross builds run under qemu and the pure-Go tests under qemu-user;
 # the systemd unit check; Debian packages built, inspected and installed;
+# the amd64 package run by systemd in a qemu VM with a kernel TPM device;
 # a 20-device fleet; the short reliability suite; every fuzz target for a
 # while. Needs root and the packages from scripts/ci-deps.sh.
 #
@@ -41,6 +42,9 @@ bash scripts/check-unit.sh
 step "Debian packages: build, inspect, install"
 make -s deb
 bash scripts/deb.sh check
+
+step "the amd64 package under a real systemd with /dev/tpmrm0 (qemu VM, swtpm as its TPM)"
+bash scripts/vm-test.sh
 
 step "fleet: 20 devices provisioned with attestation, 20 agents publishing QoS1"
 make -s build
