@@ -133,7 +133,7 @@ func New(opts Options) (*Pipeline, error) {
 		q:       opts.Queue,
 		pub:     opts.Publisher,
 		in:      make(chan batch.Item, opts.IngestQueue),
-		appendQ: make(chan appendJob, 1024),
+		appendQ: make(chan appendJob, appendQueueDepth(opts.IngestQueue, opts.Batch.Max)),
 		ackWake: make(chan struct{}, 1),
 	}
 	p.failedGen.Store(-1)
@@ -305,6 +305,18 @@ func (p *Pipeline) emit(ctx context.Context, items []batch.Item) {
 	case <-ctx.Done():
 		finish(items, fmt.Errorf("agent: spool: %w", ErrStopped))
 	}
+}
+
+// appendQueueDepth is how many encoded batches may wait for the spool:
+// about as many readings as the ingest queue holds (at least 16 batches,
+// at most 1024), so that memory does not grow with the batch size (1024
+// batches of 64 readings held ≈ 10 MB) while small batches still form
+// large write groups for one fsync.
+func appendQueueDepth(ingest, batchMax int) int {
+	if batchMax <= 0 {
+		batchMax = batch.DefaultMax
+	}
+	return min(max(ingest/batchMax, 16), 1024)
 }
 
 func estimate(rs []reading.Reading) int {

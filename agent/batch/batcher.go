@@ -16,6 +16,9 @@ type Item struct {
 	Done func(error)
 }
 
+// DefaultMax is Options.Max when not set.
+const DefaultMax = 64
+
 // Options bound a batch. Zero values take the defaults.
 type Options struct {
 	// Max is the largest number of readings in one batch (batch_max,
@@ -31,7 +34,7 @@ type Options struct {
 
 func (o Options) withDefaults() Options {
 	if o.Max <= 0 {
-		o.Max = 64
+		o.Max = DefaultMax
 	}
 	if o.Bytes <= 0 {
 		o.Bytes = 256 << 10
