@@ -5,6 +5,9 @@ VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo none)
 LDFLAGS := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 PKG := ./cmd/tpmagent
+# Device binaries leave out gen-docs (man pages are generated at packaging
+# by a host build without the tag).
+TAGS ?= nodocs
 # Test timeout for the whole suite; CI has 90 minutes in all.
 TEST_TIMEOUT ?= 30m
 
@@ -16,19 +19,19 @@ deps:
 	bash scripts/ci-deps.sh
 
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent $(PKG)
+	CGO_ENABLED=0 $(GO) build -tags "$(TAGS)" -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent $(PKG)
 
 cross:
-	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-arm64 $(PKG)
-	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-armv7 $(PKG)
-	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-amd64 $(PKG)
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -tags "$(TAGS)" -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-arm64 $(PKG)
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -tags "$(TAGS)" -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-armv7 $(PKG)
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -tags "$(TAGS)" -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-linux-amd64 $(PKG)
 	@ls -l bin/tpmagent-linux-*
 
 # Smaller device binaries without the Prometheus endpoint (-tags nometrics:
 # ≈ 2.9 MB less; the status socket keeps every counter).
 cross-small:
-	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -tags nometrics -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-small-linux-arm64 $(PKG)
-	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -tags nometrics -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-small-linux-armv7 $(PKG)
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -tags "nometrics $(TAGS)" -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-small-linux-arm64 $(PKG)
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -tags "nometrics $(TAGS)" -trimpath -ldflags "$(LDFLAGS)" -o bin/tpmagent-small-linux-armv7 $(PKG)
 	@ls -l bin/tpmagent-small-linux-*
 
 # The whole suite: unit tests (simulator, cgo) and integration tests against

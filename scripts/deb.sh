@@ -58,6 +58,7 @@ build() {
 
 	# Man pages and completions do not depend on the architecture: one
 	# host build generates them.
+	# The host build keeps gen-docs (device builds use -tags nodocs).
 	CGO_ENABLED=0 $GO build -trimpath -ldflags "$ldflags" -o "$work/tpmagent-host" ./cmd/tpmagent
 	"$work/tpmagent-host" gen-docs --man "$work/docs/man" --completions "$work/docs/completions"
 	gzip -9n "$work"/docs/man/*.1
@@ -67,7 +68,7 @@ build() {
 	local arch
 	for arch in $ARCHES; do
 		env CGO_ENABLED=0 GOOS=linux $(goenv "$arch") \
-			$GO build -trimpath -ldflags "$ldflags" -o "$work/tpmagent-$arch" ./cmd/tpmagent
+			$GO build -tags nodocs -trimpath -ldflags "$ldflags" -o "$work/tpmagent-$arch" ./cmd/tpmagent
 		local out="dist/tpmagent_${DEB_VERSION}_${arch}.deb"
 		rm -f dist/tpmagent_*_"$arch".deb
 		mkdir -p "$work/stage"

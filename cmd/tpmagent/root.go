@@ -87,7 +87,7 @@ TPMAGENT_* environment variables (TPMAGENT_TPM_DEVICE for tpm.device), flags.`,
 	root.PersistentPreRun = func(cmd *cobra.Command, _ []string) {
 		a.configExplicit = cmd.Flags().Changed("config")
 	}
-	root.AddCommand(
+	for _, c := range []*cobra.Command{
 		a.newVersionCmd(),
 		a.newKeyCmd(),
 		a.newHandshakeCmd(),
@@ -101,7 +101,11 @@ TPMAGENT_* environment variables (TPMAGENT_TPM_DEVICE for tpm.device), flags.`,
 		a.newGenDocsCmd(),
 		a.newFleetCmd(),
 		a.newCertCmd(),
-	)
+	} {
+		if c != nil { // gen-docs in -tags nodocs builds
+			root.AddCommand(c)
+		}
+	}
 	return root
 }
 
