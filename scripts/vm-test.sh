@@ -127,6 +127,7 @@ echo "kernel: ${KERNEL##*/}; TPM drivers: $(grep -E '^CONFIG_TCG_(TIS|CRB)=' "$R
 cp "$KERNEL" "$W/vmlinuz"
 cp "$INITRD" "$W/initrd.img"
 
+phase "accelerator"
 # Accelerator: KVM when /dev/kvm opens and really runs this kernel (a probe
 # boot without a root file system must reach its panic and exit); TCG
 # otherwise. Some hosts have a /dev/kvm that cannot run a stock kernel
@@ -338,10 +339,10 @@ if [ -z "$warns" ]; then
 else
 	fail "journal: the first start logged: $warns"
 fi
-if wait_for 30 connected; then
+if wait_for 60 connected; then
 	pass "status socket: connected to $(tpmagent status --json | tr -d ' \n' | sed -n 's/.*"broker":"\([^"]*\)".*/\1/p'), tpm_signatures=$(status_num tpm_signatures)"
 else
-	fail "status: not connected after 30 s: $(tpmagent status --json 2>&1 | tr -d '\n' | cut -c1-400)"
+	fail "status: not connected after 60 s: $(tpmagent status --json 2>&1 | tr -d '\n' | cut -c1-400)"
 fi
 sigs=$(status_num tpm_signatures)
 [ "${sigs:-0}" -ge 1 ] && pass "TPM: $sigs signature(s) made with the device key through /dev/tpmrm0" || fail "TPM: tpm_signatures=${sigs:-none}"
@@ -356,7 +357,7 @@ send_range() { # FROM TO
 acked_all() { [ "$(status_num records)" = 0 ] && [ "$(status_num readings_in)" -ge "$1" ]; }
 half=$((READINGS / 2))
 send_range 0 $((half - 1))
-wait_for 30 acked_all "$half" && pass "spool drained after $(status_num readings_in) readings ($(status_num messages_acked) messages acked)" ||
+wait_for 60 acked_all "$half" && pass "spool drained after $(status_num readings_in) readings ($(status_num messages_acked) messages acked)" ||
 	fail "spool not drained: $(tpmagent status --json 2>&1 | tr -d ' \n' | cut -c1-400)"
 
 # Reload: SIGHUP, RELOADING=1 then READY=1; same process, still active.
@@ -384,9 +385,9 @@ else
 	kill -CONT "$pid" 2>/dev/null
 fi
 pid=$(prop MainPID)
-wait_for 30 connected || fail "after the restart: not connected"
+wait_for 60 connected || fail "after the restart: not connected"
 send_range "$half" $((READINGS - 1))
-wait_for 30 acked_all $((READINGS - half)) && pass "after the restart: spool drained, $(status_num readings_in) readings in" ||
+wait_for 60 acked_all $((READINGS - half)) && pass "after the restart: spool drained, $(status_num readings_in) readings in" ||
 	fail "after the restart: spool not drained: $(tpmagent status --json 2>&1 | tr -d ' \n' | cut -c1-400)"
 
 # Stop: SIGTERM, drain, exit 0.
