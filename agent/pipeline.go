@@ -598,14 +598,20 @@ func (p *Pipeline) ackLoop(ctx context.Context) {
 // waitDrained returns when everything spooled was published and
 // acknowledged, or when ctx ends.
 func (p *Pipeline) waitDrained(ctx context.Context) {
-	t := time.NewTicker(5 * time.Millisecond)
+	t := time.NewTicker(time.Millisecond)
 	defer t.Stop()
 	idle, reads := 0, p.reads.Load()
 	for {
 		r := p.reads.Load()
-		if p.inflight.Load() == 0 && p.inNext.Load() && !p.rewind.Load() && p.failedGen.Load() < 0 && r == reads && p.spoolSettled() {
+		quiet := p.inflight.Load() == 0 && !p.rewind.Load() && p.failedGen.Load() < 0
+		if quiet && p.pub.Connected() && p.spoolEmpty() {
+			// Every spooled record is acknowledged (the appender is done,
+			// so nothing new comes): drained, no need to watch longer.
+			return
+		}
+		if quiet && p.inNext.Load() && r == reads && p.spoolSettled() {
 			idle++
-			if idle >= 3 {
+			if idle >= 15 { // 15 ms without any movement
 				return
 			}
 		} else {
@@ -617,6 +623,12 @@ func (p *Pipeline) waitDrained(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// spoolEmpty reports whether every record in the spool is acknowledged.
+func (p *Pipeline) spoolEmpty() bool {
+	st, ok := p.q.(interface{ Stats() spool.Stats })
+	return ok && st.Stats().Records == 0
 }
 
 // spoolSettled reports whether the drain has nothing left to wait for in
