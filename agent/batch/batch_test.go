@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"testing"
 	"time"
@@ -202,4 +203,36 @@ func BenchmarkEncodeCBOR64(b *testing.B) {
 		b.Fatal(err)
 	}
 	benchEncode(b, enc)
+}
+
+// TestTimestampLikeAppendFormat: the cached RFC3339Nano formatting gives
+// exactly what time.AppendFormat gives, across second boundaries, zero
+// and trailing-zero nanoseconds, other zones and out-of-range years.
+func TestTimestampLikeAppendFormat(t *testing.T) {
+	base := time.Date(2026, 12, 4, 23, 59, 59, 999999999, time.UTC)
+	ts := []time.Time{
+		base,
+		base.Add(time.Nanosecond),     // next second, next day, 0 ns
+		base.Add(2 * time.Nanosecond), // same second as the previous
+		base.Add(-999999999),          // .000000000 → no fraction
+		base.Add(-999999999 + 100),    // .0000001
+		time.Date(2026, 1, 2, 3, 4, 5, 120000000, time.FixedZone("CET", 3600)),
+		time.Date(1970, 1, 1, 0, 0, 0, 0, time.UTC),
+		time.Date(10000, 1, 1, 0, 0, 0, 5, time.UTC), // beyond RFC 3339's 4-digit year
+		time.Date(-1, 1, 1, 0, 0, 0, 5, time.UTC),
+		time.Unix(0, 1),
+	}
+	r := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < 2000; i++ {
+		ts = append(ts, time.Unix(r.Int64N(4e9), r.Int64N(1e9)))
+		ts = append(ts, ts[len(ts)-1].Add(time.Duration(r.Int64N(3e9))))
+	}
+	var c tsCache
+	for _, tm := range ts {
+		got := string(c.appendRFC3339Nano(nil, tm))
+		want := tm.UTC().Format(time.RFC3339Nano)
+		if got != want {
+			t.Fatalf("%v: got %s, want %s", tm, got, want)
+		}
+	}
 }

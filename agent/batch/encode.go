@@ -57,6 +57,7 @@ func (JSON) TopicSuffix() string { return "" }
 func (JSON) AppendBatch(dst []byte, rs []reading.Reading) ([]byte, error) {
 	dst = append(dst, '[')
 	var keys []string
+	var ts tsCache
 	for i := range rs {
 		r := &rs[i]
 		if i > 0 {
@@ -74,7 +75,7 @@ func (JSON) AppendBatch(dst []byte, rs []reading.Reading) ([]byte, error) {
 			dst = appendString(dst, r.Unit)
 		}
 		dst = append(dst, `,"ts":"`...)
-		dst = r.Time.UTC().AppendFormat(dst, time.RFC3339Nano)
+		dst = ts.appendRFC3339Nano(dst, r.Time)
 		dst = append(dst, '"')
 		if len(r.Tags) > 0 {
 			keys = sortedKeys(keys[:0], r.Tags)
@@ -92,6 +93,42 @@ func (JSON) AppendBatch(dst []byte, rs []reading.Reading) ([]byte, error) {
 		dst = append(dst, '}')
 	}
 	return append(dst, ']'), nil
+}
+
+// tsCache formats times as time.RFC3339Nano in UTC, reusing the date and
+// time of day of the previous call when it falls in the same second (the
+// readings of a batch mostly do): AppendFormat per reading was a tenth of
+// the encoder's CPU time.
+type tsCache struct {
+	sec    int64
+	prefix []byte // "2006-01-02T15:04:05" of sec
+	ok     bool
+}
+
+func (c *tsCache) appendRFC3339Nano(dst []byte, t time.Time) []byte {
+	t = t.UTC()
+	if y := t.Year(); y < 0 || y > 9999 {
+		return t.AppendFormat(dst, time.RFC3339Nano)
+	}
+	if sec := t.Unix(); !c.ok || sec != c.sec {
+		c.sec, c.ok = sec, true
+		c.prefix = t.AppendFormat(c.prefix[:0], "2006-01-02T15:04:05")
+	}
+	dst = append(dst, c.prefix...)
+	if ns := t.Nanosecond(); ns != 0 {
+		var b [10]byte // ".123456789", trailing zeros dropped as RFC3339Nano does
+		b[0] = '.'
+		for i := 9; i >= 1; i-- {
+			b[i] = byte('0' + ns%10)
+			ns /= 10
+		}
+		n := 10
+		for b[n-1] == '0' {
+			n--
+		}
+		dst = append(dst, b[:n]...)
+	}
+	return append(dst, 'Z')
 }
 
 func sortedKeys(dst []string, m map[string]string) []string {
