@@ -101,7 +101,7 @@ median() {
 T="devices/bench-device/telemetry/#"
 # BENCH_PROFILE_DIR=DIR: CPU profiles of the tpmagent runs (go tool pprof bin/tpmagent DIR/NAME.prof)
 prof() { [ -n "${BENCH_PROFILE_DIR:-}" ] && mkdir -p "$BENCH_PROFILE_DIR" && echo "--cpuprofile=$BENCH_PROFILE_DIR/$1.prof"; true; }
-CASES=(mosquitto_pub_q0 paho_q1 agent_q0 agent_q1 agent_q1_b64 agent_q1_seal)
+CASES=(mosquitto_pub_q0 paho_q1 agent_q0 agent_q1 agent_q1_b64 agent_q1_seal agent_q1_gogc30)
 # BENCH_REPEAT rounds (default 3), every case once per round, so that drift
 # in the machine's load hits references and agent alike; the table shows
 # each case's median trial.
@@ -116,6 +116,9 @@ for round in $(seq 1 "$REPEAT"); do
 	run_case agent_q1 "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --json $(prof agent_q1)
 	run_case agent_q1_b64 "$T" $(((N + 63) / 64)) -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 64 --json $(prof agent_q1_b64)
 	run_case agent_q1_seal "$T" "$N" -- "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --seal --json $(prof agent_q1_seal)
+	# The memory/CPU trade: the same QoS 1 run with the Go collector at
+	# GOGC=30 (the agent only; the references keep their defaults).
+	run_case agent_q1_gogc30 "$T" "$N" -- env GOGC=30 "${A[@]}" bench --count "$N" --qos 1 --size "$SIZE" --batch 1 --json
 done
 for c in "${CASES[@]}"; do median "$c"; done
 
@@ -141,5 +144,6 @@ row agent_q0 "$(f2 "$(ratio "$(rate agent_q0)" "$q0ref")")× mosquitto_pub" "≥
 row agent_q1 "$(f2 "$(ratio "$(rate agent_q1)" "$q1ref")")× paho" "≥ 1.5"
 row agent_q1_b64 "$(f2 "$(ratio "$(rrate agent_q1_b64)" "$q0ref")")× mosquitto_pub (readings/s)" "≥ 10"
 row agent_q1_seal "$(f2 "$(ratio "$(rate agent_q1_seal)" "$(rate agent_q1)")")× unsealed QoS1" "≥ 0.9"
+row agent_q1_gogc30 "$(f2 "$(ratio "$(rate agent_q1_gogc30)" "$q1ref")")× paho (GOGC=30)" "RSS ≤ 20 MiB"
 echo
 for k in "${CASES[@]}"; do echo "trials $k (seconds delivered readings rss_kib): $(tr '\n' ';' <"$D/trials-$k")"; done
