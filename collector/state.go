@@ -118,7 +118,7 @@ type stSession struct {
 	topic      string
 	ann        []byte
 	start      time.Time
-	win        window
+	win        *seal.ReplayWindow
 	lastUsed   time.Time
 	superseded time.Time
 }
@@ -260,7 +260,7 @@ func (s *State) readSnapshot() (*snapOutput, error) {
 			return nil, &StateError{File: s.snapPath, Err: fmt.Errorf("damaged: session %d: announcement %v, %d window words, next %d", i, err, len(ss.Bits), ss.Next), Fix: fixDamaged}
 		}
 		st := &stSession{topic: ss.Topic, ann: ss.Ann, start: a.StartTime,
-			win:      window{bits: ss.Bits, size: stateWindow, seqStart: a.SeqStart, next: ss.Next, missing: ss.Missing},
+			win:      seal.RestoreWindow(stateWindow, a.SeqStart, seal.WindowState{Next: ss.Next, Missing: ss.Missing, Bits: ss.Bits}),
 			lastUsed: time.UnixMilli(ss.LastUsed)}
 		if ss.Superseded != 0 {
 			st.superseded = time.UnixMilli(ss.Superseded)
@@ -316,8 +316,8 @@ func (s *State) readLog() (*int64, error) {
 			}
 		}
 		for _, m := range rec.Marks {
-			if ss := s.sessions[sessKey{m.Dev, m.SID}]; ss != nil && ss.win.check(m.Seq) == nil {
-				ss.win.mark(m.Seq)
+			if ss := s.sessions[sessKey{m.Dev, m.SID}]; ss != nil && ss.win.Check(m.Seq) == nil {
+				ss.win.Mark(m.Seq)
 				ss.lastUsed = at
 			}
 		}
@@ -469,7 +469,7 @@ func (s *State) addAnnouncement(topic string, payload []byte, now time.Time) (bo
 	}
 	ann := bytes.Clone(payload)
 	s.putSession(k, &stSession{topic: topic, ann: ann, start: a.StartTime,
-		win: *newWindow(stateWindow, a.SeqStart), lastUsed: now})
+		win: seal.NewReplayWindow(stateWindow, a.SeqStart), lastUsed: now})
 	s.pend.Anns = append(s.pend.Anns, annRec{Topic: topic, Ann: ann})
 	return true, nil
 }
@@ -481,7 +481,7 @@ func (s *State) check(dev string, sid, seq uint64) error {
 	if ss == nil {
 		return errNoSession
 	}
-	return ss.win.check(seq)
+	return ss.win.Check(seq)
 }
 
 var errNoSession = errors.New("collector: session not in the state")
@@ -492,7 +492,7 @@ func (s *State) mark(dev string, sid, seq uint64, now time.Time) int64 {
 	ss := s.sessions[sessKey{dev, sid}]
 	ss.lastUsed = now
 	s.pend.Marks = append(s.pend.Marks, markRec{Dev: dev, SID: sid, Seq: seq})
-	return ss.win.mark(seq)
+	return ss.win.Mark(seq)
 }
 
 // gaps is the number of sequence numbers missing over the sessions held,
@@ -500,7 +500,7 @@ func (s *State) mark(dev string, sid, seq uint64, now time.Time) int64 {
 func (s *State) gaps() uint64 {
 	g := s.gapsDropped
 	for _, ss := range s.sessions {
-		g += ss.win.missing
+		g += ss.win.Missing()
 	}
 	return g
 }
@@ -563,7 +563,8 @@ func (s *State) snapshot() error {
 		snap.Output = &snapOutput{Dev: s.outDev, Ino: s.outIno, Len: s.outLen}
 	}
 	for _, ss := range s.sessions {
-		e := snapSession{Topic: ss.topic, Ann: ss.ann, Next: ss.win.next, Missing: ss.win.missing, Bits: ss.win.bits, LastUsed: ss.lastUsed.UnixMilli()}
+		ws := ss.win.State()
+		e := snapSession{Topic: ss.topic, Ann: ss.ann, Next: ws.Next, Missing: ws.Missing, Bits: ws.Bits, LastUsed: ss.lastUsed.UnixMilli()}
 		if !ss.superseded.IsZero() {
 			e.Superseded = ss.superseded.UnixMilli()
 		}
@@ -595,10 +596,10 @@ func (s *State) prune(now time.Time) {
 	for k, ss := range s.sessions {
 		switch {
 		case now.Sub(ss.start) > s.opts.MaxSessionAge:
-			s.gapsDropped += ss.win.missing
+			s.gapsDropped += ss.win.Missing()
 			delete(s.sessions, k)
 		case !ss.superseded.IsZero() && now.Sub(ss.lastUsed) > s.opts.SupersededIdle && now.Sub(ss.superseded) > s.opts.SupersededIdle:
-			s.gapsDropped += ss.win.missing
+			s.gapsDropped += ss.win.Missing()
 			delete(s.sessions, k)
 			s.retired[k] = ss.start
 		}

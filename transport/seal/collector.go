@@ -86,7 +86,7 @@ type collSession struct {
 	ann      *Announcement
 	annHash  [32]byte
 	keys     *frameKeys
-	win      *window
+	win      *ReplayWindow
 	lastUsed time.Time
 }
 
@@ -240,7 +240,7 @@ func (c *Collector) acceptAnnouncement(topic string, payload []byte, now time.Ti
 	if err != nil {
 		return nil, fail("%v", err)
 	}
-	s := &collSession{ann: a, annHash: h, keys: keys, win: newWindow(c.opts.Window, a.SeqStart), lastUsed: now}
+	s := &collSession{ann: a, annHash: h, keys: keys, win: NewReplayWindow(c.opts.Window, a.SeqStart), lastUsed: now}
 	m := c.devices[dev]
 	if m == nil {
 		m = make(map[uint64]*collSession)
@@ -321,7 +321,7 @@ func (c *Collector) openLocked(topic string, raw []byte, now time.Time) (Message
 		}
 		return Message{}, fmt.Errorf("seal: frame %d of session %012x on %s: %w", f.Seq, f.SessionID, topic, ErrUnknownSession)
 	}
-	winErr := s.win.check(f.Seq)
+	winErr := s.win.Check(f.Seq)
 	pt, err := s.keys.open(make([]byte, 0, len(f.Ciphertext)-TagSize), raw, f, dev, topic)
 	if err != nil {
 		// Authentication first: an altered copy of an opened frame is a
@@ -337,7 +337,7 @@ func (c *Collector) openLocked(topic string, raw []byte, now time.Time) (Message
 		}
 		return Message{}, fmt.Errorf("seal: frame %d of session %012x from %s: %w", f.Seq, f.SessionID, dev, winErr)
 	}
-	c.gaps += s.win.mark(f.Seq)
+	c.gaps += s.win.Mark(f.Seq)
 	s.lastUsed = now
 	c.stats.Opened++
 	return Message{DeviceID: dev, SessionID: f.SessionID, Seq: f.Seq, Topic: topic, Plaintext: pt}, nil
