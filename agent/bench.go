@@ -58,12 +58,17 @@ type BenchResult struct {
 	MBPerS        float64 `json:"mb_per_s"`
 	TPMSignatures uint64  `json:"tpm_signatures"`
 	RSSPeakKiB    int64   `json:"rss_peak_kib"`
-	QoS           byte    `json:"qos"`
-	Batch         int     `json:"batch"`
-	Size          int     `json:"size"`
-	Sealed        bool    `json:"sealed"`
-	Failed        uint64  `json:"failed"`
-	Reconnects    uint64  `json:"reconnects"`
+	// RSSAnonKiB and RSSFileKiB split the resident set at the end of the
+	// run: private memory (heap, stacks, runtime) and pages of the binary
+	// (shared with the page cache, reclaimable).
+	RSSAnonKiB int64  `json:"rss_anon_kib"`
+	RSSFileKiB int64  `json:"rss_file_kib"`
+	QoS        byte   `json:"qos"`
+	Batch      int    `json:"batch"`
+	Size       int    `json:"size"`
+	Sealed     bool   `json:"sealed"`
+	Failed     uint64 `json:"failed"`
+	Reconnects uint64 `json:"reconnects"`
 }
 
 // Bench runs synthetic source → batcher → (sealer) → spool → publisher for
@@ -134,6 +139,7 @@ func Bench(ctx context.Context, pub transport.Publisher, opts BenchOptions) (Ben
 		r.TPMSignatures = opts.TPMSignatures() - sig0
 	}
 	r.RSSPeakKiB = PeakRSSKiB()
+	r.RSSAnonKiB, r.RSSFileKiB = statusKiB("RssAnon:"), statusKiB("RssFile:")
 	if err != nil {
 		return r, fmt.Errorf("bench: %w", err)
 	}
@@ -148,7 +154,11 @@ func Bench(ctx context.Context, pub transport.Publisher, opts BenchOptions) (Ben
 
 // PeakRSSKiB returns the process's peak resident set size (VmHWM in
 // /proc/self/status) in KiB, or -1 when it cannot be read.
-func PeakRSSKiB() int64 {
+func PeakRSSKiB() int64 { return statusKiB("VmHWM:") }
+
+// statusKiB reads one "Name:  N kB" line of /proc/self/status; -1 when it
+// cannot be read.
+func statusKiB(name string) int64 {
 	f, err := os.Open("/proc/self/status")
 	if err != nil {
 		return -1
@@ -156,7 +166,7 @@ func PeakRSSKiB() int64 {
 	defer f.Close()
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+		if v, ok := strings.CutPrefix(sc.Text(), name); ok {
 			n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
 			if err != nil {
 				return -1

@@ -23,7 +23,7 @@ func TestBenchAgainstMosquitto(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("qos %d batch %d: %+v", tt.qos, tt.batch, r)
-		if r.Readings != n || r.Messages == 0 || r.RSSPeakKiB <= 0 || r.MsgsPerS <= 0 {
+		if r.Readings != n || r.Messages == 0 || r.RSSPeakKiB <= 0 || r.RSSAnonKiB <= 0 || r.RSSFileKiB <= 0 || r.MsgsPerS <= 0 {
 			t.Fatalf("result %+v", r)
 		}
 		if tt.qos == 1 {

@@ -68,7 +68,7 @@ awk -v n="$N" 'NR==1{l=$0} END{for(i=0;i<n;i++) print l}' "$D/line" >"$D/lines"
 
 now() { date +%s.%N; }
 calc() { awk "BEGIN { print $* }"; }
-declare -A SEC MSGS READS RSS
+declare -A SEC MSGS READS RSS ANON FILE
 # run_case NAME TOPIC EXPECT_MSGS -- command...
 run_case() {
 	local name=$1 topic=$2 expect=$3
@@ -84,18 +84,24 @@ run_case() {
 	fi
 	t1=$(now)
 	wait $sp || true
-	# one line per trial: seconds delivered_msgs readings rss
+	# one line per trial: seconds delivered_msgs readings rss_peak rss_anon rss_file
 	echo "$(calc "$t1 - $t0") $(sed -n 's/.*"messages":\([0-9]*\).*/\1/p' "$D/sub-$name.json") \
 $(sed -n 's/.*"readings":\([0-9]*\).*/\1/p' "$D/sub-$name.json") \
-$(sed -n 's/.*"rss_peak_kib":\([0-9]*\).*/\1/p' "$D/out-$name.json")" >>"$D/trials-$name"
+$(sed -n 's/.*"rss_peak_kib":\([0-9]*\).*/\1/p' "$D/out-$name.json") \
+$(sed -n 's/.*"rss_anon_kib":\([0-9]*\).*/\1/p' "$D/out-$name.json") \
+$(sed -n 's/.*"rss_file_kib":\([0-9]*\).*/\1/p' "$D/out-$name.json")" >>"$D/trials-$name"
 }
 
 # median NAME: the trial with the median time of NAME -> SEC MSGS READS RSS
 median() {
 	local line
 	line=$(sort -n "$D/trials-$1" | awk '{ l[NR] = $0 } END { print l[int((NR + 1) / 2)] }')
-	read -r SEC[$1] MSGS[$1] READS[$1] RSS[$1] <<<"$line"
-	[ -n "${RSS[$1]}" ] || RSS[$1]=-
+	read -r SEC[$1] MSGS[$1] READS[$1] RSS[$1] ANON[$1] FILE[$1] <<<"$line"
+	if [ -n "${RSS[$1]}" ]; then
+		RSS[$1]="${RSS[$1]} (${ANON[$1]:-?} + ${FILE[$1]:-?})"
+	else
+		RSS[$1]=-
+	fi
 }
 
 T="devices/bench-device/telemetry/#"
@@ -132,7 +138,7 @@ q0ref=$(rate mosquitto_pub_q0)
 q1ref=$(rate paho_q1)
 echo "## Whole-process runs: $N messages of $SIZE bytes, one TLS mosquitto, counting subscriber (QoS1); median of $REPEAT rounds"
 echo
-echo "| run | delivered msgs | readings | seconds | msgs/s | readings/s | peak RSS KiB | ratio | goal |"
+echo "| run | delivered msgs | readings | seconds | msgs/s | readings/s | peak RSS KiB (private + binary at the end) | ratio | goal |"
 echo "|---|---|---|---|---|---|---|---|---|"
 row() { # name ratio goal
 	printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$1" "${MSGS[$1]:-0}" "${READS[$1]:-0}" "$(f2 "${SEC[$1]}")" \
@@ -146,4 +152,4 @@ row agent_q1_b64 "$(f2 "$(ratio "$(rrate agent_q1_b64)" "$q0ref")")× mosquitto_
 row agent_q1_seal "$(f2 "$(ratio "$(rate agent_q1_seal)" "$(rate agent_q1)")")× unsealed QoS1" "≥ 0.9"
 row agent_q1_gogc30 "$(f2 "$(ratio "$(rate agent_q1_gogc30)" "$q1ref")")× paho (GOGC=30)" "RSS ≤ 20 MiB"
 echo
-for k in "${CASES[@]}"; do echo "trials $k (seconds delivered readings rss_kib): $(tr '\n' ';' <"$D/trials-$k")"; done
+for k in "${CASES[@]}"; do echo "trials $k (seconds delivered readings rss_peak anon file, KiB): $(tr '\n' ';' <"$D/trials-$k")"; done

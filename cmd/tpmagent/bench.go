@@ -95,5 +95,5 @@ func printBench(a *app, r agent.BenchResult) {
 	fmt.Fprintf(w, "readings/s:      %.0f\n", r.ReadingsPerS)
 	fmt.Fprintf(w, "MB/s:            %.2f\n", r.MBPerS)
 	fmt.Fprintf(w, "tpm signatures:  %d\n", r.TPMSignatures)
-	fmt.Fprintf(w, "peak RSS:        %d KiB\n", r.RSSPeakKiB)
+	fmt.Fprintf(w, "peak RSS:        %d KiB (at the end: %d KiB private, %d KiB of the binary)\n", r.RSSPeakKiB, r.RSSAnonKiB, r.RSSFileKiB)
 }
