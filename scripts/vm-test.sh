@@ -104,7 +104,18 @@ mkdir -p "$VM_CACHE"
 	fi
 	echo "not cached: debootstrap from $VM_MIRROR (a minute or two)"
 	b=$W/debootstrap
-	if ! debootstrap --variant=minbase --include="$VM_PACKAGES" "$VM_SUITE" "$b" "$VM_MIRROR" >"$W/debootstrap.log" 2>&1; then
+	# Two tries: a mirror hiccup should not fail the suite; a second failure does.
+	ok=0
+	for try in 1 2; do
+		rm -rf "$b"
+		if debootstrap --variant=minbase --include="$VM_PACKAGES" "$VM_SUITE" "$b" "$VM_MIRROR" >"$W/debootstrap.log" 2>&1; then
+			ok=1
+			break
+		fi
+		echo "debootstrap try $try failed: $(tail -1 "$W/debootstrap.log")" >&2
+		sleep 5
+	done
+	if [ "$ok" != 1 ]; then
 		tail -20 "$W/debootstrap.log" >&2
 		[ -f "$b/debootstrap/debootstrap.log" ] && tail -20 "$b/debootstrap/debootstrap.log" >&2
 		echo "vm-test: FAIL: debootstrap (log above)" >&2
