@@ -1,13 +1,10 @@
 package agent
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"log/slog"
 	"os"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/tpmagent/tpmagent/agent/batch"
@@ -138,8 +135,10 @@ func Bench(ctx context.Context, pub transport.Publisher, opts BenchOptions) (Ben
 	if opts.TPMSignatures != nil {
 		r.TPMSignatures = opts.TPMSignatures() - sig0
 	}
-	r.RSSPeakKiB = PeakRSSKiB()
-	r.RSSAnonKiB, r.RSSFileKiB = statusKiB("RssAnon:"), statusKiB("RssFile:")
+	r.RSSPeakKiB, r.RSSAnonKiB, r.RSSFileKiB = -1, -1, -1
+	if m := status.ReadMemory(); m != nil {
+		r.RSSPeakKiB, r.RSSAnonKiB, r.RSSFileKiB = m.RSSPeakKiB, m.AnonKiB, m.FileKiB
+	}
 	if err != nil {
 		return r, fmt.Errorf("bench: %w", err)
 	}
@@ -150,29 +149,4 @@ func Bench(ctx context.Context, pub transport.Publisher, opts BenchOptions) (Ben
 		return r, fmt.Errorf("bench: %d messages were not acknowledged by the broker", s.Spool.Records)
 	}
 	return r, nil
-}
-
-// PeakRSSKiB returns the process's peak resident set size (VmHWM in
-// /proc/self/status) in KiB, or -1 when it cannot be read.
-func PeakRSSKiB() int64 { return statusKiB("VmHWM:") }
-
-// statusKiB reads one "Name:  N kB" line of /proc/self/status; -1 when it
-// cannot be read.
-func statusKiB(name string) int64 {
-	f, err := os.Open("/proc/self/status")
-	if err != nil {
-		return -1
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), name); ok {
-			n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			if err != nil {
-				return -1
-			}
-			return n
-		}
-	}
-	return -1
 }

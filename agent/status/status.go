@@ -5,6 +5,9 @@
 package status
 
 import (
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -97,6 +100,41 @@ type Snapshot struct {
 	LastError         string       `json:"last_error,omitempty"`
 	LastErrorTime     time.Time    `json:"last_error_time,omitzero"`
 	Certificate       *Certificate `json:"certificate,omitempty"`
+	// Memory is the agent process's resident set (Linux; nil elsewhere).
+	Memory *Memory `json:"memory,omitempty"`
+}
+
+// Memory is a process's resident set from /proc/self/status, in KiB.
+type Memory struct {
+	RSSKiB     int64 `json:"rss_kib"`      // resident now (VmRSS)
+	RSSPeakKiB int64 `json:"rss_peak_kib"` // highest so far (VmHWM)
+	AnonKiB    int64 `json:"anon_kib"`     // private: heap, stacks, runtime (RssAnon)
+	FileKiB    int64 `json:"file_kib"`     // pages of the binary and other files (RssFile)
+}
+
+// ReadMemory reads this process's Memory; nil when /proc/self/status
+// cannot be read.
+func ReadMemory() *Memory {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return nil
+	}
+	var m Memory
+	for _, f := range []struct {
+		name string
+		v    *int64
+	}{{"VmRSS:", &m.RSSKiB}, {"VmHWM:", &m.RSSPeakKiB}, {"RssAnon:", &m.AnonKiB}, {"RssFile:", &m.FileKiB}} {
+		*f.v = -1
+		for _, line := range strings.Split(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, f.name); ok {
+				if n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64); err == nil {
+					*f.v = n
+				}
+				break
+			}
+		}
+	}
+	return &m
 }
 
 // Snapshot reads every counter now.
@@ -112,6 +150,7 @@ func (c *Counters) Snapshot() Snapshot {
 		MessagesFailed:    c.MessagesFailed.Load(),
 		BytesPublished:    c.Bytes.Load(),
 		Reconnects:        c.Reconnects.Load(),
+		Memory:            ReadMemory(),
 	}
 	if c.SpoolStats != nil {
 		s.Spool = c.SpoolStats()

@@ -39,6 +39,9 @@ func TestServeAndFetch(t *testing.T) {
 		s.Spool.Records != 5 || s.Drops != 4 || !s.Connected || s.LastError != "boom" {
 		t.Fatalf("snapshot %+v", s)
 	}
+	if m := s.Memory; m == nil || m.RSSKiB <= 0 || m.RSSPeakKiB < m.RSSKiB || m.AnonKiB <= 0 || m.FileKiB <= 0 || m.AnonKiB+m.FileKiB > m.RSSKiB {
+		t.Fatalf("snapshot memory %+v: want the process's resident set from /proc/self/status", s.Memory)
+	}
 	fi, err := os.Stat(path)
 	if err != nil || fi.Mode().Perm() != 0o660 {
 		t.Fatalf("socket mode %v, %v; want 0660", fi.Mode(), err)

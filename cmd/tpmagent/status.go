@@ -46,6 +46,9 @@ func (a *app) newStatusCmd() *cobra.Command {
 			fmt.Fprintf(w, "spool:              %d records, %d bytes, %d dropped\n", s.Spool.Records, s.Spool.Bytes, s.Spool.Dropped)
 			fmt.Fprintf(w, "reconnects:         %d\n", s.Reconnects)
 			fmt.Fprintf(w, "tpm signatures:     %d\n", s.TPMSignatures)
+			if m := s.Memory; m != nil {
+				fmt.Fprintf(w, "memory:             %d KiB resident (peak %d; private %d, binary and files %d)\n", m.RSSKiB, m.RSSPeakKiB, m.AnonKiB, m.FileKiB)
+			}
 			if c := s.Certificate; c != nil {
 				fmt.Fprintf(w, "certificate:        serial %s, key %s, expires %s, renewal %s at %s (%d renewals, %d failures)\n",
 					c.Serial, c.KeyHandle, c.NotAfter.Format(time.RFC3339), c.RenewalState, c.RenewAt.Format(time.RFC3339), c.Renewals, c.Failures)
