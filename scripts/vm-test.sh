@@ -197,6 +197,28 @@ for _ in $(seq 1 100); do grep -q "vm-subscriber" "$W/mosquitto.log" 2>/dev/null
 grep -q "vm-subscriber" "$W/mosquitto.log" || die "subscriber did not connect: $(cat "$W/sub.err")"
 echo "mosquitto on 127.0.0.1:$BROKER_PORT; the guest reaches it as 10.0.2.100:8883"
 
+phase "firmware release on the host: keygen, sign, publish (served over MQTT)"
+"$W/tpmagent" firmware keygen -o "$W/release.key" >/dev/null
+head -c 300000 /dev/urandom >"$W/fw-2.0.0.img"
+"$W/tpmagent" firmware sign --key "$W/release.key" --image "$W/fw-2.0.0.img" --version 2.0.0 --security-version 1 \
+	--hardware vm-board --chunk-size 65536 -o "$W/fw-2.0.0.json" >/dev/null
+bash scripts/lab-pki.sh client "$W/pki" release-backend
+cat >"$W/host/publisher.yaml" <<YAML
+broker:
+  urls: [mqtts://127.0.0.1:$BROKER_PORT]
+  ca_file: $W/pki/ca.pem
+  cert_file: $W/pki/release-backend.pem
+  key_file: $W/pki/release-backend.key
+firmware: { trust: [$W/release.key.pub] }
+log: { level: error }
+YAML
+# The job is retained; the guest's agent sees it once its firmware updater
+# is enabled, at the end of the guest checks.
+"$W/tpmagent" --config "$W/host/publisher.yaml" firmware publish --manifest "$W/fw-2.0.0.json" --image "$W/fw-2.0.0.img" \
+	--device vm-device --until committed,rolled_back,rejected,failed >"$W/publish.log" 2>&1 &
+pids+=($!)
+echo "release 2.0.0 (security_version 1, hardware vm-board, $(stat -c %s "$W/fw-2.0.0.img") bytes) published for vm-device"
+
 phase "guest setup: config, certificates, test unit, disk image"
 echo "tpmagent-vm" >"$R/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 tpmagent-vm\n' >"$R/etc/hosts"
@@ -217,7 +239,15 @@ chroot "$R" systemctl mask apt-daily.timer apt-daily-upgrade.timer dpkg-db-backu
 	getty@tty1.service serial-getty@ttyS0.service serial-getty@ttyS1.service >/dev/null 2>&1
 mkdir -p "$R/root/vm"
 cp "$DEB" "$R/root/vm/tpmagent.deb"
-cp "$W/pki/ca.pem" "$W/pki/device.pem" "$R/root/vm/"
+cp "$W/pki/ca.pem" "$W/pki/device.pem" "$W/release.key.pub" "$R/root/vm/"
+cat >"$R/root/vm/firmware.yaml" <<YAML
+firmware:
+  enabled: true
+  trust: [/etc/tpmagent/release.key.pub]
+  hardware: vm-board
+  installer: file
+  health_timeout: 60s
+YAML
 cat >"$R/root/vm/agent.yaml" <<YAML
 # tpmagent in the vm-test guest (scripts/vm-test.sh): the kernel's TPM
 # resource manager; the broker through qemu's guestfwd.
@@ -401,6 +431,36 @@ send_range "$half" $((READINGS - 1))
 wait_for 60 acked_all $((READINGS - half)) && pass "after the restart: spool drained, $(status_num readings_in) readings in" ||
 	fail "after the restart: spool not drained: $(tpmagent status --json 2>&1 | tr -d ' \n' | cut -c1-400)"
 
+# Firmware through the unit: the updater enabled, the retained job seen,
+# image downloaded over MQTT and installed into slot b (StateDirectory),
+# exit 75, restarted by systemd (RestartForceExitStatus=75), health check,
+# commit; the anti-rollback counter in TPM NV, read through /dev/tpmrm0
+# while the agent runs.
+fw_field() { tpmagent firmware status --json 2>/dev/null | tr -d ' \n' | sed -n "s/.*\"updater\":{[^}]*\"$1\":\"\([^\"]*\)\".*/\1/p"; }
+fw_committed() { [ "$(fw_field state)" = committed ]; }
+cat /root/vm/firmware.yaml >>/etc/tpmagent/agent.yaml
+install -m 0644 /root/vm/release.key.pub /etc/tpmagent/release.key.pub
+t=$SECONDS
+# A manual restart sets NRestarts back to 0: the exit 75 makes it 1.
+if ! timeout 90 systemctl restart tpmagent.service; then
+	fail "firmware: restart with the updater enabled: $(systemctl status tpmagent --no-pager 2>&1 | tail -10)"
+elif wait_for 240 fw_committed; then
+	nr=$(prop NRestarts)
+	if [ "$nr" -ge 1 ] && journalctl -u tpmagent.service --no-pager | grep -q 'status=75'; then
+		pass "firmware: 2.0.0 downloaded, installed, exit 75, restarted by systemd (NRestarts $nr since the manual restart), health check passed, committed in $((SECONDS - t)) s"
+	else
+		fail "firmware: committed, but NRestarts $nr since the manual restart or no exit status 75 in the journal"
+	fi
+	if out=$(tpmagent firmware status --counter 2>&1) && grep -q 'anti-rollback counter.*: 1$' <<<"$out"; then
+		pass "firmware: $(grep -E '^(slots|anti-rollback)' <<<"$out" | tr '\n' ';' | sed 's/;$//') (NV read through /dev/tpmrm0 while the agent runs)"
+	else
+		fail "firmware status --counter: $out"
+	fi
+else
+	fail "firmware: not committed within 240 s: $(tpmagent firmware status 2>&1 | tr '\n' ' '); $(journalctl -u tpmagent.service -o cat --no-pager | grep -i firmware | tail -5 | tr '\n' ' ')"
+fi
+wait_for 60 connected || fail "after the update: not connected"
+
 # Stop: SIGTERM, drain, exit 0.
 t=$SECONDS
 if timeout 60 systemctl stop tpmagent.service; then
@@ -533,6 +593,11 @@ if grep -q 'as vm-device' "$W/mosquitto.log" || grep -q "u'vm-device'" "$W/mosqu
 	echo "PASS: broker: vm-device connected with its TPM-backed certificate ($(grep -c "u'vm-device'" "$W/mosquitto.log") connections)"
 else
 	hfail "broker log has no connection from vm-device"
+fi
+if grep -q 'committed' "$W/publish.log"; then
+	echo "PASS: release side: firmware publish saw vm-device report committed ($(grep -c . "$W/publish.log") status lines)"
+else
+	hfail "release side: no 'committed' from vm-device in firmware publish's output: $(tail -5 "$W/publish.log")"
 fi
 [ "$failures" = 0 ] || die "$failures check(s) failed (KEEP=1 keeps $W)"
 phase "done: every check passed ($ACCEL)"
