@@ -31,6 +31,20 @@ func testCtx(tb testing.TB) context.Context {
 	return ctx
 }
 
+// defaultKey creates the default device key (ECC P-256 at DefaultKeyHandle
+// under a new SRK) and loads it.
+func defaultKey(tb testing.TB, ctx context.Context, tpm *TPM) *Key {
+	tb.Helper()
+	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
+		tb.Fatal(err)
+	}
+	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return k
+}
+
 // loadedHandles lists the transient objects and loaded sessions in the TPM.
 func loadedHandles(tb testing.TB, t *TPM) (transient, sessions []uint32) {
 	tb.Helper()

@@ -157,13 +157,7 @@ func TestCreateLoadSign(t *testing.T) {
 func TestCSRSignedInTPM(t *testing.T) {
 	tpm, _ := openSim(t)
 	ctx := testCtx(t)
-	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
-		t.Fatal(err)
-	}
-	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := defaultKey(t, ctx, tpm)
 	der, err := CreateCSR(k, "dev-0001", []string{"dev-0001.local", "127.0.0.1"})
 	if err != nil {
 		t.Fatal(err)
@@ -320,13 +314,7 @@ func TestKeyErrors(t *testing.T) {
 func TestSignAfterReset(t *testing.T) {
 	tpm, sim := openSim(t)
 	ctx := testCtx(t)
-	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
-		t.Fatal(err)
-	}
-	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := defaultKey(t, ctx, tpm)
 	d := sha256.Sum256([]byte("x"))
 	for i := 0; i < 3; i++ {
 		if _, err := k.Sign(nil, d[:], crypto.SHA256); err != nil {
@@ -344,13 +332,7 @@ func TestSignAfterReset(t *testing.T) {
 func TestConcurrentSignNoLeaks(t *testing.T) {
 	tpm, _ := openSim(t)
 	ctx := testCtx(t)
-	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
-		t.Fatal(err)
-	}
-	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := defaultKey(t, ctx, tpm)
 	const workers, each = 8, 25
 	var wg sync.WaitGroup
 	errs := make(chan error, workers)
@@ -392,13 +374,7 @@ func TestConcurrentSignNoLeaks(t *testing.T) {
 func TestTPMCloseFlushesSessions(t *testing.T) {
 	tpm, sim := openSim(t)
 	ctx := testCtx(t)
-	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
-		t.Fatal(err)
-	}
-	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := defaultKey(t, ctx, tpm)
 	d := sha256.Sum256([]byte("x"))
 	if _, err := k.Sign(nil, d[:], crypto.SHA256); err != nil {
 		t.Fatal(err)
@@ -436,13 +412,7 @@ func (r *recordingTPM) Send(cmd []byte) ([]byte, error) {
 func TestSignParameterEncryption(t *testing.T) {
 	tpm, _ := openSim(t)
 	ctx := testCtx(t)
-	if _, err := tpm.CreateKey(ctx, KeySpec{}, false); err != nil {
-		t.Fatal(err)
-	}
-	k, err := tpm.LoadKey(ctx, DefaultKeyHandle, DefaultSRKHandle)
-	if err != nil {
-		t.Fatal(err)
-	}
+	k := defaultKey(t, ctx, tpm)
 	rec := &recordingTPM{next: tpm.rt.next}
 	tpm.rt.next = rec
 	digests := [][]byte{}
