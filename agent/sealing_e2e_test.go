@@ -24,6 +24,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/spool"
 	"github.com/tpmagent/tpmagent/collector"
 	"github.com/tpmagent/tpmagent/internal/testenv"
+	"github.com/tpmagent/tpmagent/internal/testmqtt"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 	"github.com/tpmagent/tpmagent/transport"
 	"github.com/tpmagent/tpmagent/transport/seal"
@@ -127,23 +128,8 @@ func (l *sealLab) client(t testing.TB, cn string, signer crypto.Signer, certFile
 	if tweak != nil {
 		tweak(&o)
 	}
-	c, err := transport.NewClient(o)
+	c, err := testmqtt.Start(t, o, 15*time.Second)
 	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cctx, ccancel := context.WithTimeout(context.Background(), 3*time.Second)
-		_ = c.Close(cctx)
-		ccancel()
-		cancel()
-	})
-	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
 		t.Fatalf("client %s: %v\n%s", cn, err, l.broker.LogText())
 	}
 	return c

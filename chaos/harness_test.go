@@ -22,6 +22,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/internal/testdevice"
 	"github.com/tpmagent/tpmagent/internal/testenv"
+	"github.com/tpmagent/tpmagent/internal/testmqtt"
 	"github.com/tpmagent/tpmagent/transport"
 )
 
@@ -263,28 +264,18 @@ func subscriber(t *testing.T, pki *testenv.PKI, broker *testenv.Mosquitto, topic
 	for _, c := range extraCAs {
 		pool.AddCert(c)
 	}
-	c, err := transport.NewClient(transport.ClientOptions{
+	c, err := testmqtt.Start(t, transport.ClientOptions{
 		URLs:        []string{broker.URL()},
 		TLS:         &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13},
 		ClientID:    "chaos-subscriber",
 		StatusTopic: "-",
 		BackoffBase: 50 * time.Millisecond,
 		BackoffMax:  500 * time.Millisecond,
-	})
+	}, 15*time.Second)
 	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { c.Close(context.Background()); cancel() })
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
 		t.Fatalf("subscriber: %v", err)
 	}
-	if err := c.Subscribe(ctx, topic, 1, func(m transport.Message) {
+	if err := c.Subscribe(context.Background(), topic, 1, func(m transport.Message) {
 		rs, err := batch.Decode(m.Payload)
 		if err != nil {
 			t.Errorf("subscriber: undecodable batch on %s: %v", m.Topic, err)

@@ -23,6 +23,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/spool"
 	"github.com/tpmagent/tpmagent/collector"
 	"github.com/tpmagent/tpmagent/internal/testenv"
+	"github.com/tpmagent/tpmagent/internal/testmqtt"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 	"github.com/tpmagent/tpmagent/transport"
 	"github.com/tpmagent/tpmagent/transport/seal"
@@ -157,27 +158,12 @@ func (l *lab) client(cn string, signer crypto.Signer, certFile string) *transpor
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	c, err := transport.NewClient(transport.ClientOptions{
+	c, err := testmqtt.Start(l.t, transport.ClientOptions{
 		URLs: []string{l.broker.URL()}, TLS: id.Config(), ClientID: cn, StatusTopic: "-",
 		BackoffBase: 50 * time.Millisecond, BackoffMax: 300 * time.Millisecond,
 		Logger: slog.New(slog.DiscardHandler),
-	})
+	}, 15*time.Second)
 	if err != nil {
-		l.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	if err := c.Start(ctx); err != nil {
-		l.t.Fatal(err)
-	}
-	l.t.Cleanup(func() {
-		cctx, ccancel := context.WithTimeout(context.Background(), 3*time.Second)
-		_ = c.Close(cctx)
-		ccancel()
-		cancel()
-	})
-	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
 		l.t.Fatalf("client %s: %v", cn, err)
 	}
 	return c

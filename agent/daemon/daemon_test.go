@@ -17,6 +17,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/status"
 	"github.com/tpmagent/tpmagent/internal/testdevice"
 	"github.com/tpmagent/tpmagent/internal/testenv"
+	"github.com/tpmagent/tpmagent/internal/testmqtt"
 	"github.com/tpmagent/tpmagent/transport"
 )
 
@@ -43,28 +44,18 @@ func (n *notifyListener) waitFor(t *testing.T, prefix string, timeout time.Durat
 // session, so the broker queues for it while it reconnects.
 func startSubscriber(t *testing.T, url string, tlsCfg *tls.Config, clean bool, topic string, handle func(transport.Message)) {
 	t.Helper()
-	c, err := transport.NewClient(transport.ClientOptions{
+	c, err := testmqtt.Start(t, transport.ClientOptions{
 		URLs:         []string{url},
 		TLS:          tlsCfg,
 		ClientID:     "subscriber",
 		StatusTopic:  "-",
 		CleanSession: clean,
 		Logger:       slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})),
-	})
+	}, 15*time.Second)
 	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { c.Close(context.Background()); cancel() })
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 15*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
 		t.Fatalf("subscriber: connect to %s: %v", url, err)
 	}
-	if err := c.Subscribe(ctx, topic, 1, handle); err != nil {
+	if err := c.Subscribe(context.Background(), topic, 1, handle); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -26,6 +26,7 @@ import (
 	"github.com/tpmagent/tpmagent/agent/config"
 	"github.com/tpmagent/tpmagent/firmware"
 	"github.com/tpmagent/tpmagent/internal/testdevice"
+	"github.com/tpmagent/tpmagent/internal/testmqtt"
 	"github.com/tpmagent/tpmagent/tpmkeys"
 	"github.com/tpmagent/tpmagent/transport"
 )
@@ -103,29 +104,19 @@ type servedImage struct {
 func newBackend(t *testing.T, d *testdevice.Device) *backend {
 	t.Helper()
 	_, _, cert := d.PKI.SoftClient(t, "backend")
-	c, err := transport.NewClient(transport.ClientOptions{
+	c, err := testmqtt.Start(t, transport.ClientOptions{
 		URLs:         []string{d.Broker.URL()},
 		TLS:          &tls.Config{RootCAs: d.PKI.Pool(), Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13},
 		ClientID:     "backend",
 		StatusTopic:  "-",
 		CleanSession: true,
 		Logger:       slog.New(slog.DiscardHandler),
-	})
+	}, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	t.Cleanup(func() { c.Close(context.Background()); cancel() })
-	if err := c.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
-	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer wcancel()
-	if err := c.WaitConnected(wctx); err != nil {
-		t.Fatal(err)
-	}
 	b := &backend{t: t, c: c, device: d.ID, images: map[string]*servedImage{}, newStat: make(chan struct{}, 1)}
-	if err := c.Subscribe(ctx, firmware.StatusTopic(d.ID), 1, func(m transport.Message) {
+	if err := c.Subscribe(context.Background(), firmware.StatusTopic(d.ID), 1, func(m transport.Message) {
 		if m.Retained {
 			return // a status from before this backend started
 		}
