@@ -37,7 +37,9 @@ func Serve(ctx context.Context, path string, c *Counters, log *slog.Logger) erro
 		go func() {
 			defer conn.Close()
 			_ = conn.SetWriteDeadline(time.Now().Add(5 * time.Second))
-			if err := json.NewEncoder(conn).Encode(c.Snapshot()); err != nil && log != nil {
+			s := c.Snapshot()
+			s.Memory = ReadMemory()
+			if err := json.NewEncoder(conn).Encode(s); err != nil && log != nil {
 				log.Debug("status: write snapshot", "socket", path, "err", err)
 			}
 		}()

@@ -101,6 +101,8 @@ type Snapshot struct {
 	LastErrorTime     time.Time    `json:"last_error_time,omitzero"`
 	Certificate       *Certificate `json:"certificate,omitempty"`
 	// Memory is the agent process's resident set (Linux; nil elsewhere).
+	// Serve fills it in; Snapshot leaves it nil (the watchdog's frequent
+	// snapshots need no /proc read).
 	Memory *Memory `json:"memory,omitempty"`
 }
 
@@ -119,18 +121,13 @@ func ReadMemory() *Memory {
 	if err != nil {
 		return nil
 	}
-	var m Memory
-	for _, f := range []struct {
-		name string
-		v    *int64
-	}{{"VmRSS:", &m.RSSKiB}, {"VmHWM:", &m.RSSPeakKiB}, {"RssAnon:", &m.AnonKiB}, {"RssFile:", &m.FileKiB}} {
-		*f.v = -1
-		for _, line := range strings.Split(string(b), "\n") {
-			if v, ok := strings.CutPrefix(line, f.name); ok {
-				if n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64); err == nil {
-					*f.v = n
-				}
-				break
+	m := Memory{RSSKiB: -1, RSSPeakKiB: -1, AnonKiB: -1, FileKiB: -1}
+	fields := map[string]*int64{"VmRSS": &m.RSSKiB, "VmHWM": &m.RSSPeakKiB, "RssAnon": &m.AnonKiB, "RssFile": &m.FileKiB}
+	for _, line := range strings.Split(string(b), "\n") {
+		name, v, ok := strings.Cut(line, ":")
+		if p := fields[name]; ok && p != nil {
+			if n, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64); err == nil {
+				*p = n
 			}
 		}
 	}
@@ -150,7 +147,6 @@ func (c *Counters) Snapshot() Snapshot {
 		MessagesFailed:    c.MessagesFailed.Load(),
 		BytesPublished:    c.Bytes.Load(),
 		Reconnects:        c.Reconnects.Load(),
-		Memory:            ReadMemory(),
 	}
 	if c.SpoolStats != nil {
 		s.Spool = c.SpoolStats()
