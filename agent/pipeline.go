@@ -625,10 +625,20 @@ func (p *Pipeline) waitDrained(ctx context.Context) {
 	}
 }
 
+// spoolRecords is the spool's count of unacknowledged records; ok is false
+// for a queue without Stats (test fakes).
+func (p *Pipeline) spoolRecords() (n int64, ok bool) {
+	st, ok := p.q.(interface{ Stats() spool.Stats })
+	if !ok {
+		return 0, false
+	}
+	return st.Stats().Records, true
+}
+
 // spoolEmpty reports whether every record in the spool is acknowledged.
 func (p *Pipeline) spoolEmpty() bool {
-	st, ok := p.q.(interface{ Stats() spool.Stats })
-	return ok && st.Stats().Records == 0
+	n, ok := p.spoolRecords()
+	return ok && n == 0
 }
 
 // spoolSettled reports whether the drain has nothing left to wait for in
@@ -637,11 +647,8 @@ func (p *Pipeline) spoolEmpty() bool {
 // still waiting for its fsync looked like an empty spool and the drain ended
 // with records unpublished.
 func (p *Pipeline) spoolSettled() bool {
-	st, ok := p.q.(interface{ Stats() spool.Stats })
-	if !ok {
-		return true
-	}
-	return st.Stats().Records == 0 || !p.pub.Connected()
+	n, ok := p.spoolRecords()
+	return !ok || n == 0 || !p.pub.Connected()
 }
 
 func sleep(ctx context.Context, d time.Duration) {
